@@ -159,7 +159,8 @@ class Transformer(nn.Module):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
 
-    def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor, pos_embed: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor,
+                pos_embed: Tensor) -> tuple[Tensor, Tensor]:
         """src/pos [B,d,h,w], mask [B,h,w] (True = padding), query_embed [Q,d] -> (hs [L,B,Q,d], memory)."""
         bs, c, h, w = src.shape
         src = src.flatten(2).permute(2, 0, 1)
