@@ -72,9 +72,10 @@ def _torch_load(path: Path) -> Any:
             f"torch.load(weights_only=True) refused for safety{detail}. If you trust the file, "
             "re-save only its state dict, e.g. "
             "torch.save({'model': state_dict}, 'clean.pth').") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        msg = " ".join(str(exc).split())[:300]
-        raise CheckpointError(f"{path}: cannot read checkpoint: {msg}") from None
+    except Exception as exc:  # torch raises many types for non-checkpoint bytes
+        msg = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise CheckpointError(f"{path}: cannot read checkpoint: not a torch.save file, or corrupt "
+                              f"({type(exc).__name__}: {msg})") from None
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -222,30 +223,27 @@ def infer_config_overrides(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
 
 
 _HINT_WORDS = {
-    "MODEL.DETR.ENC_LAYERS": "encoder layers",
-    "MODEL.DETR.DEC_LAYERS": "decoder layers",
-    "MODEL.DETR.HIDDEN_DIM": "hidden dim",
-    "MODEL.DETR.NUM_OBJECT_QUERIES": "object queries",
-    "MODEL.DETR.NUM_CLASSES": "classes",
-    "MODEL.DETR.DIM_FEEDFORWARD": "FFN dim",
-    "MODEL.DETR.PRE_NORM": "pre-norm",
-    "MODEL.RESNETS.DEPTH": "ResNet depth",
-    "MODEL.RESNETS.STEM_OUT_CHANNELS": "stem channels",
-    "MODEL.RESNETS.RES2_OUT_CHANNELS": "res2 channels",
-    "MODEL.RESNETS.WIDTH_PER_GROUP": "bottleneck width",
+    "MODEL.DETR.ENC_LAYERS": "{} encoder layers",
+    "MODEL.DETR.DEC_LAYERS": "{} decoder layers",
+    "MODEL.DETR.HIDDEN_DIM": "hidden dim {}",
+    "MODEL.DETR.NUM_OBJECT_QUERIES": "{} object queries",
+    "MODEL.DETR.NUM_CLASSES": "{} classes",
+    "MODEL.DETR.DIM_FEEDFORWARD": "FFN dim {}",
+    "MODEL.DETR.PRE_NORM": "pre-norm {}",
+    "MODEL.RESNETS.DEPTH": "ResNet-{}",
+    "MODEL.RESNETS.STEM_OUT_CHANNELS": "{} stem channels",
+    "MODEL.RESNETS.RES2_OUT_CHANNELS": "{} res2 channels",
+    "MODEL.RESNETS.WIDTH_PER_GROUP": "bottleneck width {}",
 }
 
 
 def config_hints(checkpoint: Mapping[str, Any], model_values: Mapping[str, Any]) -> list[str]:
-    """"checkpoint has 6 encoder layers, config says 3: set MODEL.DETR.ENC_LAYERS 6" lines."""
+    """Lines like "checkpoint has 6 encoder layers, config says 3: set MODEL.DETR.ENC_LAYERS 6"."""
     hints = []
     for key, words in _HINT_WORDS.items():
         if key in checkpoint and key in model_values and checkpoint[key] != model_values[key]:
             ck, cf = checkpoint[key], model_values[key]
-            if isinstance(ck, bool):
-                hints.append(f"checkpoint has {words} {ck}, config says {cf}: set {key} {ck}")
-            else:
-                hints.append(f"checkpoint has {ck} {words}, config says {cf}: set {key} {ck}")
+            hints.append(f"checkpoint has {words.format(ck)}, config says {cf}: set {key} {ck}")
     return hints
 
 

@@ -73,12 +73,12 @@ def _to_rgb(im: Image.Image, background: tuple[int, int, int] = (255, 255, 255))
     return np.array(im, dtype=np.uint8)
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def read_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Read an image as RGB uint8 [H,W,3] with its EXIF orientation applied.
 
     Grayscale, palette, CMYK and 16-bit images are converted to 8-bit RGB (16-bit scaled by 255/65535).
     Transparency is flattened onto a white background. Raises :class:`ImageReadError` for missing,
-    unreadable, corrupt or truncated files, non-images, images over ``MAX_IMAGE_PIXELS`` (possible
+    unreadable, corrupt or truncated files, non-images, images over ``max_pixels`` (possible
     decompression bombs) and images with a side under ``MIN_IMAGE_SIDE``.
     """
     p = Path(path)
@@ -91,8 +91,8 @@ def read_image(path: str | Path) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(p) as im:
                 w, h = im.size
-                if w * h > MAX_IMAGE_PIXELS:
-                    raise ImageReadError(f"image too large ({w}x{h} = {w * h} px > {MAX_IMAGE_PIXELS}); "
+                if w * h > max_pixels:
+                    raise ImageReadError(f"image too large ({w}x{h} = {w * h} px > {max_pixels}); "
                                          "refused as a possible decompression bomb", p)
                 im.load()
                 im = ImageOps.exif_transpose(im)
