@@ -1,0 +1,227 @@
+"""LrpEngine: one forward per image batch, then relevance for many targets from the cache."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .cache import ForwardCache
+from .forward import layer_norm, run_forward
+from .propagate import Ledger, profile_names, propagate
+from .result import RelevanceResult
+from .rules import RuleSet
+from .targets import QuerySpec, decoder_start, encoder_start, select_queries
+from .weights import TransformerWeights, cast_weights, extract_weights
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+MODULES = ("encoder", "decoder")
+
+
+@dataclass
+class EngineConfig:
+    """How relevance is computed. ``precision`` fp64 exists for verification."""
+
+    rules: str = "cp"
+    epsilon: float = 1e-6
+    precision: str = "fp32"
+    device: str = "auto"
+    compile: bool = False
+    memory_budget_bytes: int = 1 << 30
+
+    def __post_init__(self) -> None:
+        RuleSet(self.rules, self.epsilon)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when available."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but no CUDA device is available")
+    return torch.device(device)
+
+
+def _as_parts(model_or_parts: Any):
+    if hasattr(model_or_parts, "encoder_inputs") and hasattr(model_or_parts, "transformer") \
+            and hasattr(model_or_parts, "query_embed") and not isinstance(model_or_parts, torch.nn.Module):
+        return model_or_parts
+    from ..models.locate import from_module  # models know nothing of LRP; the engine reads models
+
+    return from_module(model_or_parts)
+
+
+class LrpEngine:
+    """Relevance for (module, layer, features, queries) targets over cached forward passes."""
+
+    def __init__(self, model_or_parts: Any, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.parts = _as_parts(model_or_parts)
+        self.device = resolve_device(self.config.device)
+        self.dtype = PRECISIONS[self.config.precision]
+        self.rules = RuleSet(self.config.rules, self.config.epsilon)
+        base = extract_weights(self.parts.transformer)
+        acc = torch.float64 if self.dtype == torch.float64 else torch.float32
+        self.weights: TransformerWeights = cast_weights(base, self.dtype, self.device)
+        self._norm_acc = cast_weights(base.decoder_norm, acc, self.device) if base.decoder_norm else None
+        self._acc = acc
+        # g (the relevance carrier) stays in fp32 for half precisions; matmuls run in the compute dtype
+        self._gdtype = acc if self.dtype in (torch.bfloat16, torch.float16) else self.dtype
+        module = getattr(self.parts, "module", None)
+        if isinstance(module, torch.nn.Module):
+            module.to(self.device).eval()
+        self._propagate = propagate
+        if self.config.compile:
+            self._propagate = torch.compile(propagate, dynamic=True)
+
+    # ----------------------------------------------------------------------------------- forward
+    def _autocast(self):
+        if self.dtype in (torch.bfloat16, torch.float16):
+            return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def forward(self, batch: Any) -> ForwardCache:
+        """Backbone + encoder + decoder once for an ``ImageBatch``; the cache serves every target."""
+        with self._autocast():
+            images, pad = batch.tensor.to(self.device), batch.mask.to(self.device)
+            src, pos, mask = self.parts.encoder_inputs(images, pad)
+        cache = self.forward_tokens(src, pos, mask)
+        cache.meta["image_sizes"] = [list(map(int, s)) for s in batch.image_sizes]
+        return cache
+
+    @torch.no_grad()
+    def forward_tokens(self, src: Tensor, pos: Tensor, mask: Tensor) -> ForwardCache:
+        """Transformer forward from encoder input tokens ``src``/``pos`` [B,d,h,w] and ``mask`` [B,h,w]."""
+        dev = self.device
+        adt = self._gdtype  # activations (residual stream) stay in fp32 for half precisions
+        qe = self.parts.query_embed.weight.detach().to(dev, adt)
+        cache, last = run_forward(self.weights, src.to(dev, adt), pos.to(dev, adt), mask.to(dev), qe)
+        hs = last.to(self._acc)
+        if self._norm_acc is not None:
+            hs, _ = layer_norm(hs, self._norm_acc)
+        pdtype = next(self.parts.class_embed.parameters()).dtype
+        cache.tensors["pred_logits"] = self.parts.class_embed(hs.to(pdtype)).float()
+        cache.tensors["pred_boxes"] = self.parts.bbox_embed(hs.to(pdtype)).sigmoid().float()
+        cache.meta["precision"] = self.config.precision
+        return cache
+
+    # ---------------------------------------------------------------------------------- relevance
+    def validate(self, module: str, layer: int, features: Sequence[int]) -> None:
+        """Raise ValueError naming the valid range for a bad target request."""
+        if module not in MODULES:
+            raise ValueError(f"module must be 'encoder' or 'decoder', got {module!r}")
+        n_layers = len(self.weights.encoder if module == "encoder" else self.weights.decoder)
+        if not 0 <= int(layer) < n_layers:
+            raise ValueError(f"{module} layer {layer} out of range: valid layers are 0..{n_layers - 1}")
+        d = self.weights.hidden_dim
+        bad = [f for f in features if not 0 <= int(f) < d]
+        if bad or len(features) == 0:
+            raise ValueError(f"features must be in 0..{d - 1} (hidden_dim {d}), got {list(bad) or 'none'}")
+
+    def bytes_per_target(self, cache: ForwardCache, module: str, attention_chunk: bool = True) -> int:
+        """Estimated peak bytes one target adds to a propagation (memory grows linearly in targets)."""
+        m = cache.meta
+        b, (gh, gw) = cache.batch_size, m["grid"]
+        t, d, dff, h = gh * gw, m["hidden_dim"], m["dim_ff"], m["nheads"]
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        per = b * t * (dff + 6 * d)
+        if module == "decoder":
+            per += b * m["num_queries"] * (dff + 6 * d)
+        if self.rules.attention_relevance:
+            per += 3 * b * h * t * t
+        return int(per * elem * 1.5)
+
+    def max_feature_chunk(self, cache: ForwardCache, module: str, layer: int = 0, n_queries: int = 1,
+                          budget_bytes: int | None = None) -> int:
+        """Largest number of features per propagation that fits ``budget_bytes``."""
+        budget = self.config.memory_budget_bytes if budget_bytes is None else budget_bytes
+        per = self.bytes_per_target(cache, module) * max(1, n_queries)
+        return int(max(1, min(self.weights.hidden_dim, budget // per)))
+
+    def relevance(self, cache: ForwardCache, module: str, layer: int, features: Sequence[int],
+                  queries: QuerySpec = None, chunk: int | None = None) -> RelevanceResult:
+        """Relevance of every (feature[, query]) target at ``module`` layer ``layer`` down to the input.
+
+        Encoder targets start at the layer output as the activation of channel f on every valid
+        token; decoder targets as the activation of channel f of each selected query.
+        """
+        features = [int(f) for f in features]
+        self.validate(module, layer, features)
+        cache = cache.to(self.device)
+        if module == "encoder":
+            if queries not in (None, "none"):
+                raise ValueError("queries apply to decoder targets only")
+            qsel = np.full((cache.batch_size, 1), -1)
+        else:
+            qsel = select_queries(cache, "all" if queries is None else queries)
+        r = qsel.shape[1]
+        step = chunk or self.max_feature_chunk(cache, module, layer, r)
+        parts = [self._relevance_chunk(cache, module, layer, features[i:i + step], qsel)
+                 for i in range(0, len(features), step)]
+        return RelevanceResult.concat(parts)
+
+    @torch.no_grad()
+    def _relevance_chunk(self, cache: ForwardCache, module: str, layer: int, features: list[int],
+                         qsel: np.ndarray) -> RelevanceResult:
+        w, acc = self.weights, self._acc
+        d = w.hidden_dim
+        valid = ~cache["mask"]
+        r = qsel.shape[1]
+        if module == "encoder":
+            y = cache[f"enc.x.{layer + 1}"]
+            g = encoder_start(features, valid, d, self._gdtype)
+            yf = y[:, :, features].to(acc)                                   # [B,T,K]
+            vmask = valid[:, :, None]
+            act_sum = (yf * vmask).sum(1)
+            act_max = yf.masked_fill(~vmask, float("-inf")).max(1).values
+            act_mean = act_sum / valid.sum(1, keepdim=True).to(acc)
+        else:
+            y = cache[f"dec.x.{layer + 1}"]
+            g = decoder_start(features, qsel, y.shape[1], d, self._gdtype, self.device)
+            q_idx = torch.as_tensor(np.tile(qsel, (1, len(features))), device=self.device)   # [B,N]
+            f_idx = torch.as_tensor(np.repeat(features, r), device=self.device)
+            act = y.to(acc)[torch.arange(y.shape[0], device=self.device)[:, None], q_idx, f_idx[None, :]]
+            act_sum = act_max = act_mean = act
+        ledger = Ledger(acc)
+        target = ledger.rel(y, g)
+        g = self._propagate(cache, w, self.rules, module, layer, g, ledger)
+        x0 = cache["enc.x.0"].to(acc)
+        g = g.to(acc)
+        token = torch.einsum("btd,btnd->bnt", x0, g)
+        channel = torch.einsum("btd,btnd->bnd", x0 * valid[:, :, None].to(acc), g)
+        gh, gw = cache.meta["grid"]
+        token = (token * valid[:, None, :].to(acc)).reshape(token.shape[0], token.shape[1], gh, gw)
+        zeros = torch.zeros_like(target)
+        as_np = lambda v: (v if torch.is_tensor(v) else zeros + v).detach().cpu().numpy()
+        n = len(features) * r
+        queries = np.tile(qsel, (1, len(features))) if module == "decoder" else np.full((len(qsel), n), -1)
+        return RelevanceResult(
+            module=module, layer=int(layer), rules=self.rules.name, epsilon=self.rules.epsilon,
+            precision=self.config.precision, features=np.repeat(np.asarray(features), r),
+            queries=queries, valid_hw=np.asarray(cache.meta["valid_hw"]),
+            token_maps=as_np(token).astype(np.float32) if acc == torch.float32 else as_np(token),
+            channel_relevance=as_np(channel), profile=np.stack([as_np(p) for p in ledger.profile], -1),
+            profile_names=list(ledger.names), target_relevance=as_np(target),
+            input_relevance=as_np(token.sum((-1, -2))), bias_relevance=as_np(ledger.bias),
+            pos_relevance=as_np(ledger.pos), softmax_relevance=as_np(ledger.softmax),
+            act_sum=as_np(act_sum), act_max=as_np(act_max), act_mean=as_np(act_mean),
+        )
+
+    def profile_names(self, module: str, layer: int) -> list[str]:
+        return profile_names(self.weights, module, layer)
+
+    def detections(self, cache: ForwardCache) -> list[dict[str, np.ndarray]]:
+        """Scores, labels, boxes (xyxy, original image coordinates) and query ids per image."""
+        from ..models.postprocess import detections
+
+        return detections(cache["pred_logits"], cache["pred_boxes"], cache.meta["image_sizes"])

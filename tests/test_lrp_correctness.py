@@ -1,0 +1,196 @@
+"""LRP engine correctness against independent autograd formulations and conservation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lrp_ray.lrp import EngineConfig, ForwardCache, LrpEngine
+from tests.lrp_oracle import oracle_forward, oracle_relevance, tiny_detr, token_inputs
+
+SIZES = [(4, 5), (3, 3)]  # second image padded inside the batch
+
+
+def _flat(src, pos, mask):
+    return (src.flatten(2).transpose(1, 2), pos.flatten(2).transpose(1, 2), mask.flatten(1))
+
+
+def _engine(parts, rules="cp", eps=0.0, precision="fp64"):
+    return LrpEngine(parts, EngineConfig(rules=rules, epsilon=eps, precision=precision, device="cpu"))
+
+
+def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_manual_forward_matches_module_forward(pre_norm):
+    parts = tiny_detr(pre_norm=pre_norm)
+    src, pos, mask = token_inputs(32, SIZES)
+    eng = _engine(parts)
+    cache = eng.forward_tokens(src, pos, mask)
+    with torch.no_grad():
+        hs, memory = parts.transformer(src, mask, parts.query_embed.weight, pos)
+    # decoder.norm(last layer output) is what the module returns last
+    x0, p, kpm = _flat(src, pos, mask)
+    enc, dec = oracle_forward(parts.transformer, x0, p, kpm, parts.query_embed.weight, "plain")
+    np.testing.assert_allclose(cache[f"enc.x.{len(enc)}"].numpy(), enc[-1].detach().numpy(), atol=1e-10)
+    np.testing.assert_allclose(cache[f"dec.x.{len(dec)}"].numpy(), dec[-1].detach().numpy(), atol=1e-10)
+    mem_ref = memory.flatten(2).transpose(1, 2).numpy()
+    mem = cache["memory"] if "memory" in cache else cache[f"enc.x.{len(enc)}"]
+    valid = ~kpm.numpy()
+    np.testing.assert_allclose(mem.numpy()[valid], mem_ref[valid], atol=1e-10)
+    last = parts.transformer.decoder.norm(cache[f"dec.x.{len(dec)}"])
+    np.testing.assert_allclose(last.detach().numpy(), hs[-1].detach().numpy(), atol=1e-10)
+
+
+@pytest.mark.parametrize("rules", ["cp", "attnlrp"])
+@pytest.mark.parametrize("pre_norm", [False, True])
+@pytest.mark.parametrize("module,layer,features,queries", [
+    ("encoder", 2, [0, 7, 31], None),
+    ("encoder", 0, [5], None),
+    ("decoder", 1, [3, 30], [0, 4]),
+    ("decoder", 0, [11], [2]),
+])
+def test_relevance_equals_autograd_oracle(rules, pre_norm, module, layer, features, queries):
+    parts = tiny_detr(pre_norm=pre_norm)
+    src, pos, mask = token_inputs(32, SIZES)
+    eng = _engine(parts, rules=rules)
+    res = eng.relevance(eng.forward_tokens(src, pos, mask), module, layer, features, queries)
+    x0, p, kpm = _flat(src, pos, mask)
+    qe = parts.query_embed.weight
+    for n, f in enumerate(res.features):
+        q = None if module == "encoder" else int(res.queries[0, n])
+        ref = oracle_relevance(parts.transformer, x0, p, kpm, qe, module, layer, int(f), q, rules)
+        ref_map = ref.sum(-1).view(len(SIZES), *mask.shape[1:]).numpy()
+        ref_ch = (ref * (~kpm)[..., None]).sum(1).numpy()
+        assert _rel_err(res.token_maps[:, n], ref_map) <= 1e-6
+        assert _rel_err(res.channel_relevance[:, n], ref_ch) <= 1e-6
+
+
+@pytest.mark.parametrize("rules", ["cp", "attnlrp"])
+@pytest.mark.parametrize("module,layer", [("encoder", 2), ("decoder", 1)])
+def test_relevance_accounting_is_exact(rules, module, layer):
+    """target = input + biases + positional embeddings + softmax leak, to float64 precision (eps=0)."""
+    parts = tiny_detr()
+    src, pos, mask = token_inputs(32, SIZES)
+    eng = _engine(parts, rules=rules)
+    res = eng.relevance(eng.forward_tokens(src, pos, mask), module, layer, [1, 2, 9],
+                        None if module == "encoder" else "top2")
+    total = res.input_relevance + res.bias_relevance + res.pos_relevance + res.softmax_relevance
+    np.testing.assert_allclose(total, res.target_relevance, rtol=1e-9, atol=1e-9)
+    assert np.abs(res.bias_relevance).max() > 1e-3  # biases are non-trivial in this model
+    if rules == "cp":
+        assert np.all(res.pos_relevance == 0) and np.all(res.softmax_relevance == 0)
+
+
+def _zero_biases(parts, zero_pos_queries=False):
+    with torch.no_grad():
+        for name, p_ in parts.transformer.named_parameters():
+            if name.endswith("bias"):
+                p_.zero_()
+        if zero_pos_queries:
+            parts.query_embed.weight.zero_()
+
+
+@pytest.mark.parametrize("pre_norm", [False, True])
+@pytest.mark.parametrize("module,layer", [("encoder", 2), ("decoder", 1)])
+def test_cp_conserves_relevance_at_every_layer_without_biases(pre_norm, module, layer):
+    parts = tiny_detr(pre_norm=pre_norm)
+    _zero_biases(parts)
+    src, pos, mask = token_inputs(32, SIZES)
+    eng = _engine(parts)
+    res = eng.relevance(eng.forward_tokens(src, pos, mask), module, layer, [0, 4, 17],
+                        None if module == "encoder" else [1, 3])
+    assert res.profile.shape[-1] == len(res.profile_names) >= layer + 1
+    target = res.target_relevance[..., None]
+    assert np.abs(res.profile - target).max() <= 1e-6 * np.abs(target).max()
+    np.testing.assert_allclose(res.input_relevance, res.target_relevance, rtol=1e-6)
+
+
+def test_attnlrp_conserves_without_biases_positions_and_softmax_leak():
+    """attnlrp promises conservation through linear maps, LayerNorm and bilinear products; the softmax
+    rule is not conservative, which the engine accounts for explicitly."""
+    parts = tiny_detr()
+    _zero_biases(parts, zero_pos_queries=True)
+    src, pos, mask = token_inputs(32, SIZES)
+    eng = _engine(parts, rules="attnlrp")
+    res = eng.relevance(eng.forward_tokens(src, pos * 0, mask), "encoder", 2, [0, 4])
+    np.testing.assert_allclose(res.input_relevance + res.softmax_relevance, res.target_relevance,
+                               rtol=1e-9, atol=1e-12)
+    assert np.all(res.bias_relevance == 0) and np.all(res.pos_relevance == 0)
+
+
+def test_batch_independence_fp32():
+    parts = tiny_detr(dtype=torch.float32)
+    src, pos, mask = token_inputs(32, [(3, 4), (5, 6), (2, 2)], dtype=torch.float32)
+    eng = _engine(parts, eps=1e-6, precision="fp32")
+    batch = eng.relevance(eng.forward_tokens(src, pos, mask), "decoder", 1, [2, 5], [0, 3])
+    alone = eng.relevance(eng.forward_tokens(src[:1, :, :3, :4], pos[:1, :, :3, :4], mask[:1, :3, :4]),
+                          "decoder", 1, [2, 5], [0, 3])
+    a = alone.token_map(0, 1)
+    b = batch.token_map(0, 1)
+    assert a.shape == b.shape == (3, 4)
+    assert _rel_err(b, a) <= 1e-5
+    assert _rel_err(batch.channel_relevance[0], alone.channel_relevance[0]) <= 1e-5
+
+
+def test_bf16_close_to_fp32():
+    parts = tiny_detr(dtype=torch.float32, bias_scale=0.05)  # trained-model-like bias magnitudes
+    src, pos, mask = token_inputs(32, SIZES, dtype=torch.float32)
+    maps = {}
+    for prec in ("fp32", "bf16"):
+        eng = _engine(parts, eps=1e-6, precision=prec)
+        cache = eng.forward_tokens(src, pos, mask)
+        maps[prec] = eng.relevance(cache, "encoder", 2, list(range(8))).token_maps
+    rel_l2 = np.linalg.norm(maps["bf16"] - maps["fp32"]) / np.linalg.norm(maps["fp32"])
+    print(f"bf16 vs fp32 relative L2 of token maps: {rel_l2:.2e}")
+    assert rel_l2 <= 2e-2
+
+
+def test_cache_roundtrips_through_numpy_and_reports_size():
+    parts = tiny_detr(dtype=torch.float32)
+    src, pos, mask = token_inputs(32, SIZES, dtype=torch.float32)
+    eng = _engine(parts, eps=1e-6, precision="fp32")
+    cache = eng.forward_tokens(src, pos, mask)
+    assert cache.nbytes == sum(t.numel() * t.element_size() for t in cache.tensors.values()) > 0
+    back = ForwardCache.from_numpy(cache.to_numpy())
+    a = eng.relevance(cache, "encoder", 1, [3, 4])
+    b = eng.relevance(back, "encoder", 1, [3, 4])
+    np.testing.assert_array_equal(a.token_maps, b.token_maps)
+    bf = _engine(parts, eps=1e-6, precision="bf16").forward_tokens(src, pos, mask)
+    bf_back = ForwardCache.from_numpy(bf.to_numpy())
+    assert all(torch.equal(bf.tensors[k], bf_back.tensors[k]) for k in bf.tensors)
+
+
+def test_feature_chunks_equal_single_propagation():
+    parts = tiny_detr(dtype=torch.float32)
+    src, pos, mask = token_inputs(32, SIZES, dtype=torch.float32)
+    eng = _engine(parts, eps=1e-6, precision="fp32")
+    cache = eng.forward_tokens(src, pos, mask)
+    whole = eng.relevance(cache, "decoder", 1, list(range(6)), "top2")
+    chunked = eng.relevance(cache, "decoder", 1, list(range(6)), "top2", chunk=4)
+    np.testing.assert_allclose(chunked.token_maps, whole.token_maps, rtol=1e-5, atol=1e-6)
+    assert list(chunked.features) == list(whole.features)
+    assert eng.max_feature_chunk(cache, "encoder", 0, budget_bytes=1) == 1
+    big = eng.max_feature_chunk(cache, "encoder", 0, budget_bytes=1 << 40)
+    assert big == 32
+    half = eng.bytes_per_target(cache, "encoder") * 5
+    assert eng.max_feature_chunk(cache, "encoder", 0, budget_bytes=half) == 5
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (dict(module="middle", layer=0, features=[0]), "module must be"),
+    (dict(module="encoder", layer=3, features=[0]), "valid layers are 0..2"),
+    (dict(module="decoder", layer=-1, features=[0]), "valid layers are 0..1"),
+    (dict(module="encoder", layer=0, features=[32]), "0..31"),
+    (dict(module="decoder", layer=0, features=[0], queries=[6]), "0..5"),
+    (dict(module="decoder", layer=0, features=[0], queries="best"), "topK"),
+])
+def test_bad_targets_name_valid_range(bad, msg):
+    parts = tiny_detr(dtype=torch.float32)
+    src, pos, mask = token_inputs(32, SIZES, dtype=torch.float32)
+    eng = _engine(parts, eps=1e-6, precision="fp32")
+    with pytest.raises(ValueError, match=msg):
+        eng.relevance(eng.forward_tokens(src, pos, mask), **bad)
