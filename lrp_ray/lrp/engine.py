@@ -92,12 +92,41 @@ class LrpEngine:
     @torch.no_grad()
     def forward(self, batch: Any) -> ForwardCache:
         """Backbone + encoder + decoder once for an ``ImageBatch``; the cache serves every target."""
-        with self._autocast():
-            images, pad = batch.tensor.to(self.device), batch.mask.to(self.device)
-            src, pos, mask = self.parts.encoder_inputs(images, pad)
+        src, pos, mask = self.encoder_inputs(batch)
         cache = self.forward_tokens(src, pos, mask)
         cache.meta["image_sizes"] = [list(map(int, s)) for s in batch.image_sizes]
         return cache
+
+    @torch.no_grad()
+    def encoder_inputs(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
+        """Backbone + input_proj per group of equally sized images, padded on the feature grid.
+
+        Running the backbone on each image's own extent (not on the zero-padded batch) makes every
+        image's tokens, and so its relevance, independent of the other images in its batch.
+        """
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, hw in enumerate(batch.input_sizes):
+            groups.setdefault((int(hw[0]), int(hw[1])), []).append(i)
+        outs: dict[int, tuple[Tensor, Tensor]] = {}
+        with self._autocast():
+            for (h, w), idx in groups.items():
+                images = batch.tensor[idx, :, :h, :w].to(self.device)
+                pad = torch.zeros(len(idx), h, w, dtype=torch.bool, device=self.device)
+                src, pos, _ = self.parts.encoder_inputs(images, pad)
+                for k, i in enumerate(idx):
+                    outs[i] = (src[k], pos[k])
+        b = len(batch.input_sizes)
+        gh = max(s.shape[1] for s, _ in outs.values())
+        gw = max(s.shape[2] for s, _ in outs.values())
+        d = outs[0][0].shape[0]
+        src = torch.zeros(b, d, gh, gw, dtype=outs[0][0].dtype, device=self.device)
+        pos = torch.zeros(b, d, gh, gw, dtype=outs[0][1].dtype, device=self.device)
+        mask = torch.ones(b, gh, gw, dtype=torch.bool, device=self.device)
+        for i, (s, p) in outs.items():
+            src[i, :, :s.shape[1], :s.shape[2]] = s
+            pos[i, :, :s.shape[1], :s.shape[2]] = p
+            mask[i, :s.shape[1], :s.shape[2]] = False
+        return src, pos, mask
 
     @torch.no_grad()
     def forward_tokens(self, src: Tensor, pos: Tensor, mask: Tensor) -> ForwardCache:
