@@ -130,8 +130,10 @@ def test_malicious_pickle_refused(tmp_path: Path, writer: str) -> None:
     else:
         with open(path, "wb") as f:
             pickle.dump(payload, f)
-    with pytest.raises(CheckpointError, match="not a plain-tensor checkpoint.*refused for safety"):
-        load_weights(small_model(), path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns about pickle protocol 4 before refusing
+        with pytest.raises(CheckpointError, match="not a plain-tensor checkpoint.*refused for safety"):
+            load_weights(small_model(), path)
     assert not marker.exists()
 
 
@@ -186,3 +188,95 @@ def test_load_model_demo_is_deterministic() -> None:
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert ka == kb and torch.equal(va, vb)
     assert a.cfg.hidden_dim == 64 and a.cfg.stem_out_channels == 16
+
+
+# --- Numerical check of the original-DETR conversion against a torchvision-convention ResNet ----------
+
+
+def _bn(x: torch.Tensor, sd: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    scale = sd[f"{name}.weight"] / torch.sqrt(sd[f"{name}.running_var"] + 1e-5)
+    shift = sd[f"{name}.bias"] - sd[f"{name}.running_mean"] * scale
+    return x * scale[None, :, None, None] + shift[None, :, None, None]
+
+
+def _torchvision_resnet(sd: dict[str, torch.Tensor], x: torch.Tensor, blocks: list[int],
+                        bottleneck: bool) -> torch.Tensor:
+    """torchvision ResNet (stride in the 3x3 conv) written out on a ``backbone.0.body.*`` state dict."""
+    p = "backbone.0.body."
+    sd = {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
+    conv = torch.nn.functional.conv2d
+    relu = torch.relu
+    x = relu(_bn(conv(x, sd["conv1.weight"], stride=2, padding=3), sd, "bn1"))
+    x = torch.nn.functional.max_pool2d(x, 3, 2, 1)
+    for layer, n in enumerate(blocks, start=1):
+        for i in range(n):
+            b = f"layer{layer}.{i}."
+            stride = 2 if i == 0 and layer > 1 else 1
+            if bottleneck:
+                out = relu(_bn(conv(x, sd[b + "conv1.weight"]), sd, b + "bn1"))
+                out = relu(_bn(conv(out, sd[b + "conv2.weight"], stride=stride, padding=1), sd, b + "bn2"))
+                out = _bn(conv(out, sd[b + "conv3.weight"]), sd, b + "bn3")
+            else:
+                out = relu(_bn(conv(x, sd[b + "conv1.weight"], stride=stride, padding=1), sd, b + "bn1"))
+                out = _bn(conv(out, sd[b + "conv2.weight"], padding=1), sd, b + "bn2")
+            if b + "downsample.0.weight" in sd:
+                x = _bn(conv(x, sd[b + "downsample.0.weight"], stride=stride), sd, b + "downsample.1")
+            x = relu(out + x)
+    return x
+
+
+def _to_original_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our (detectron2) names -> original DETR names, written independently of the loader."""
+    out = {}
+    for k, v in sd.items():
+        if not k.startswith("backbone.0.backbone."):
+            out[k] = v
+            continue
+        rest = k[len("backbone.0.backbone."):]
+        parts = rest.split(".")
+        if parts[0] == "stem":
+            new = "bn1." + parts[-1] if parts[2] == "norm" else "conv1." + parts[-1]
+        else:
+            layer, block, conv = int(parts[0][3:]) - 1, parts[1], parts[2]
+            is_norm = parts[3] == "norm"
+            if conv == "shortcut":
+                tail = ("downsample.1." if is_norm else "downsample.0.") + parts[-1]
+            else:
+                tail = (f"bn{conv[4:]}." if is_norm else f"{conv}.") + parts[-1]
+            new = f"layer{layer}.{block}.{tail}"
+        out["backbone.0.body." + new] = v
+        if new.endswith("running_var"):
+            out["backbone.0.body." + new.replace("running_var", "num_batches_tracked")] = torch.tensor(7)
+    return out
+
+
+@pytest.mark.parametrize("depth, blocks, bottleneck, res2", [
+    (18, [2, 2, 2, 2], False, 8), (50, [3, 4, 6, 3], True, 32)])
+def test_original_layout_matches_torchvision_resnet(depth: int, blocks: list[int], bottleneck: bool,
+                                                    res2: int) -> None:
+    cfg = load_config(None, ["MODEL.RESNETS.DEPTH", str(depth), "MODEL.RESNETS.STEM_OUT_CHANNELS", "8",
+                             "MODEL.RESNETS.RES2_OUT_CHANNELS", str(res2),
+                             "MODEL.RESNETS.WIDTH_PER_GROUP", "8",
+                             "MODEL.DETR.HIDDEN_DIM", "16", "MODEL.DETR.NHEADS", "2",
+                             "MODEL.DETR.DIM_FEEDFORWARD", "16", "MODEL.DETR.ENC_LAYERS", "1",
+                             "MODEL.DETR.DEC_LAYERS", "1", "MODEL.DETR.NUM_OBJECT_QUERIES", "2"])
+    gen = torch.Generator().manual_seed(3)
+    source = build_model(cfg).state_dict()
+    for k, v in source.items():
+        if k.endswith("running_var"):
+            source[k] = torch.rand(v.shape, generator=gen) + 0.5
+        elif k.endswith(("norm.weight", "norm.bias", "running_mean")):
+            source[k] = torch.randn(v.shape, generator=gen) * 0.2 + (1.0 if k.endswith("weight") else 0.0)
+        elif k.startswith("backbone") and v.dim() == 4:
+            source[k] = torch.randn(v.shape, generator=gen) * (2.0 / v[0].numel()) ** 0.5
+    original = _to_original_names(source)
+    model = build_model(cfg)
+    report = load_weights(model, {"model": original})
+    assert report.ok and report.layout == "detr"
+    x = torch.randn(1, 3, 64, 80, generator=gen)
+    with torch.no_grad():
+        ours = model.backbone[0].backbone(x)
+        ref = _torchvision_resnet(original, x, blocks, bottleneck)
+    assert ours.shape == ref.shape == (1, res2 * 8, 2, 3)
+    assert ref.abs().max() > 0
+    assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max()

@@ -106,3 +106,9 @@ def test_to_yaml_roundtrip(tmp_path: Path) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_dilation_needs_bottleneck() -> None:
+    with pytest.raises(ConfigError, match="RES5_DILATION 2 needs a bottleneck"):
+        load_config(None, ["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES5_DILATION", "2"])
+    assert load_config(None, ["MODEL.RESNETS.RES5_DILATION", "2"]).res5_dilation == 2

@@ -208,3 +208,21 @@ def test_from_module_errors() -> None:
     del broken.transformer.decoder.layers[0].norm3
     with pytest.raises(DetrNotFoundError, match=r"decoder\.layers\[0\] lacks norm3"):
         from_module(broken)
+
+
+def test_resnet_variants_dc5_and_stride_in_1x1() -> None:
+    base = dict(resnet_depth=50, stem_out_channels=8, res2_out_channels=32, width_per_group=8, hidden_dim=16,
+                nheads=2, enc_layers=1, dec_layers=1, dim_feedforward=16, num_queries=2)
+    dc5 = build_model(DetrConfig(**base, res5_dilation=2))
+    res5 = dc5.backbone[0].backbone.res5[0]
+    assert dc5.backbone[0].stride == 16 and res5.conv2.dilation == (2, 2) and res5.conv2.stride == (1, 1)
+    x = torch.zeros(1, 3, 64, 96)
+    mask = torch.zeros(1, 64, 96, dtype=torch.bool)
+    mask[0, :, 40:] = True
+    with torch.no_grad():
+        src, _, fmask = dc5.encoder_inputs(x, mask)
+    assert src.shape == (1, 16, 4, 6) and fmask[0, 0].tolist() == [False] * 3 + [True] * 3  # ceil(40/16)
+    s1 = build_model(DetrConfig(**base, stride_in_1x1=True)).backbone[0].backbone.res3[0]
+    s3 = build_model(DetrConfig(**base)).backbone[0].backbone.res3[0]
+    assert (s1.conv1.stride, s1.conv2.stride) == ((2, 2), (1, 1))
+    assert (s3.conv1.stride, s3.conv2.stride) == ((1, 1), (2, 2))

@@ -155,6 +155,8 @@ class ResNet(nn.Module):
             raise ValueError(f"ResNet depth must be one of {sorted(BLOCKS_PER_STAGE)}, got {depth}")
         if res5_dilation not in (1, 2):
             raise ValueError(f"res5_dilation must be 1 or 2, got {res5_dilation}")
+        if res5_dilation == 2 and depth < 50:
+            raise ValueError("res5_dilation 2 needs a bottleneck ResNet (depth >= 50)")
         self.depth = depth
         self.stem = BasicStem(3, stem_out_channels)
         in_ch, out_ch = stem_out_channels, res2_out_channels

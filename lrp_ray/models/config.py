@@ -137,6 +137,9 @@ class DetrConfig(BaseModel):
             raise ValueError(f"MODEL.RESNETS.DEPTH must be one of {_DEPTHS}, got {self.resnet_depth}")
         if self.res5_dilation not in (1, 2):
             raise ValueError(f"MODEL.RESNETS.RES5_DILATION must be 1 or 2, got {self.res5_dilation}")
+        if self.res5_dilation == 2 and self.resnet_depth < 50:
+            raise ValueError("MODEL.RESNETS.RES5_DILATION 2 needs a bottleneck ResNet (DEPTH >= 50), "
+                             f"got DEPTH {self.resnet_depth}")
         if self.min_size_test < 0:
             raise ValueError("INPUT.MIN_SIZE_TEST must be >= 0 (0 disables resizing), "
                              f"got {self.min_size_test}")
