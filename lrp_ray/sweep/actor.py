@@ -1,0 +1,174 @@
+"""LrpWorker: a Ray actor that builds the model once and computes work items.
+
+The model arrives as (config, state dict of numpy arrays) through the object store, so worker nodes need
+no shared filesystem. Forward caches are kept per image batch (LRU under a byte budget). A work item finds
+its batch's cache locally, or imports one another actor exported (numpy through the object store), or, as
+a last resort, runs the forward itself from the batch's images: every item can always complete, which is
+what makes driver-side retries and Ray's actor restarts safe.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+import warnings
+from collections import OrderedDict
+from typing import Any
+
+import ray
+
+__all__ = ["LrpWorker", "engine_chunk_budget"]
+
+
+def _rss_peak_bytes() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def engine_chunk_budget(cache_budget_bytes: int) -> int:
+    """Bytes the engine may use for one vectorised relevance call."""
+    return max(64 << 20, min(2 << 30, cache_budget_bytes // 2))
+
+
+@ray.remote(concurrency_groups={"ping": 1})
+class LrpWorker:
+    """One per GPU (or per ``cpus_per_actor`` CPUs). Methods run one at a time, except :meth:`ping`."""
+
+    def __init__(self, cfg: Any, state: dict, engine_opts: dict, threads: int, cache_budget_bytes: int,
+                 feature_chunk: int | None) -> None:
+        import torch
+
+        from lrp_ray.lrp import EngineConfig, LrpEngine
+        from lrp_ray.models import build_model, from_module
+
+        t0 = time.perf_counter()
+        torch.set_num_threads(max(1, int(threads)))
+        device = engine_opts.get("device", "auto")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device
+        model = build_model(cfg)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # read-only object-store arrays; load_state_dict copies them
+            sd = {k: torch.from_numpy(v) for k, v in state.items()}
+        model.load_state_dict(sd, strict=True)
+        del sd
+        model = model.to(device).eval()
+        self.cfg = cfg
+        self.engine = LrpEngine(from_module(model), EngineConfig(**{
+            **engine_opts, "device": device, "memory_budget_bytes": engine_chunk_budget(cache_budget_bytes)}))
+        self.cache_budget = int(cache_budget_bytes)
+        self.feature_chunk = feature_chunk
+        self.caches: OrderedDict[str, tuple[Any, dict]] = OrderedDict()
+        self.stats = {"forwards": 0, "imports": 0, "exports": 0, "items": 0, "evictions": 0,
+                      "load_seconds": time.perf_counter() - t0}
+        self.pid = os.getpid()
+
+    # ----------------------------------------------------------------- health
+    @ray.method(concurrency_group="ping")
+    def ping(self) -> dict:
+        return {"pid": self.pid, "node": ray.get_runtime_context().get_node_id(), "device": self.device,
+                "stats": dict(self.stats), "peak_rss": _rss_peak_bytes(), "peak_device": self._device_peak(),
+                "cached": list(self.caches)}
+
+    def _device_peak(self) -> int:
+        if self.device.startswith("cuda"):
+            import torch
+
+            return int(torch.cuda.max_memory_allocated())
+        return 0
+
+    # ----------------------------------------------------------------- caches
+    def _store(self, key: str, cache: Any, meta: dict) -> None:
+        self.caches[key] = (cache, meta)
+        self.caches.move_to_end(key)
+        total = sum(c.nbytes for c, _ in self.caches.values())
+        while total > self.cache_budget and len(self.caches) > 1:
+            old, (c, _) = self.caches.popitem(last=False)
+            total -= c.nbytes
+            self.stats["evictions"] += 1
+
+    def _forward(self, key: str, images: list) -> tuple[Any, dict]:
+        from lrp_ray.models import preprocess
+
+        batch = preprocess(list(images), self.cfg)
+        cache = self.engine.forward(batch)
+        meta = {"image_sizes": [tuple(int(v) for v in s) for s in batch.image_sizes]}
+        self.stats["forwards"] += 1
+        self._store(key, cache, meta)
+        return cache, meta
+
+    def _get_cache(self, key: str, images_box: list, cache_box: list | None) -> tuple[Any, dict, str]:
+        from lrp_ray.lrp import ForwardCache
+
+        if key in self.caches:
+            self.caches.move_to_end(key)
+            cache, meta = self.caches[key]
+            return cache, meta, "local"
+        if cache_box:
+            try:
+                payload = ray.get(cache_box[0], timeout=600)
+                cache = ForwardCache.from_numpy(payload["cache"], device=self.device)
+                meta = payload["meta"]
+                self.stats["imports"] += 1
+                self._store(key, cache, meta)
+                return cache, meta, "import"
+            except Exception:  # exporter died or evicted it: fall back to our own forward
+                pass
+        images = ray.get(images_box[0], timeout=600)
+        cache, meta = self._forward(key, images)
+        return cache, meta, "forward"
+
+    def export_cache(self, key: str) -> dict:
+        """The batch's cache as numpy arrays (for another actor, through the object store)."""
+        if key not in self.caches:
+            raise KeyError(f"no forward cache for batch {key} on this actor")
+        cache, meta = self.caches[key]
+        self.stats["exports"] += 1
+        return {"cache": cache.to_numpy(), "meta": meta}
+
+    def drop(self, keys: list[str]) -> int:
+        for k in keys:
+            self.caches.pop(k, None)
+        return len(self.caches)
+
+    # ----------------------------------------------------------------- work
+    def run_item(self, item: dict, image_names: list[str], images_box: list, cache_box: list | None) -> dict:
+        """Rows of one work item as an Arrow table, plus where its forward cache came from."""
+        from .writer import result_to_table
+
+        t0 = time.perf_counter()
+        cache, meta, source = self._get_cache(item["batch_key"], images_box, cache_box)
+        t_cache = time.perf_counter() - t0
+        features = list(item["features"])
+        queries = item["queries"] if item["module"] == "decoder" else None
+        chunk = min(self.feature_chunk or len(features), len(features))
+        try:
+            fit = self.engine.max_feature_chunk(cache, item["module"], item["layer"],
+                                                n_queries=item["targets_per_feature"],
+                                                budget_bytes=engine_chunk_budget(self.cache_budget))
+            chunk = max(1, min(chunk, int(fit)))
+        except Exception:
+            pass
+        while True:
+            try:
+                res = self.engine.relevance(cache, item["module"], item["layer"], features, queries, chunk=chunk)
+                break
+            except Exception as exc:  # out of memory: halve the chunk and try again
+                if chunk > 1 and "out of memory" in str(exc).lower():
+                    chunk = max(1, chunk // 2)
+                    self._empty_device_cache()
+                    continue
+                raise
+        table = result_to_table(res, image_names, meta["image_sizes"])
+        self.stats["items"] += 1
+        return {"uid": item["uid"], "table": table, "source": source, "chunk": chunk,
+                "cache_nbytes": int(cache.nbytes), "profile_names": list(res.profile_names),
+                "seconds": time.perf_counter() - t0, "cache_seconds": t_cache, "pid": self.pid,
+                "peak_rss": _rss_peak_bytes(), "peak_device": self._device_peak()}
+
+    def _empty_device_cache(self) -> None:
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()

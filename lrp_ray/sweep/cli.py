@@ -1,0 +1,139 @@
+"""Command line: ``python -m lrp_ray.sweep`` and the ``lrp-ray`` console script."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .spec import BadRequest, SweepSpec, load_spec, merge_flags
+
+__all__ = ["main", "build_parser"]
+
+EPILOG = """\
+Flags override the keys of --spec; keys left out of both take the defaults shown.
+With no arguments at all: the bundled demo model and images (a small random DETR and synthetic images
+until trained demo assets are bundled), every layer and feature of both modules, into ./lrp_out.
+
+Results (OUT): relevance/ (Parquet, partitioned by module and layer; pandas.read_parquet(OUT/"relevance")),
+summary.csv, errors.csv (images that could not be used, with the reason), manifest.json.
+Re-running the same request into the same OUT resumes it; a different request into a non-empty OUT is
+refused unless --overwrite.
+
+Ray: --address local starts a private Ray instance bound to 127.0.0.1; inside `ray job submit` the job's
+cluster is used ($RAY_ADDRESS), and a relative --out is resolved against $LRP_RAY_RESULTS
+(default ~/lrp_ray_results) on the head node, since the job's working dir is temporary.
+
+Exit codes:
+  0  all work done, every image used
+  1  all work done, but some images could not be used (see errors.csv)
+  2  bad request (unknown key, index out of range, missing files, ...); nothing was started
+  3  incomplete: some work items failed or no worker was left; run the same command again to resume
+  130 interrupted (Ctrl-C); run the same command again to resume
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit code 2 (bad request)
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _int_or_auto(text: str) -> int | str:
+    t = text.strip().lower()
+    if t == "auto":
+        return "auto"
+    try:
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+
+
+def _default(name: str) -> str:
+    field = SweepSpec.model_fields[name]
+    default = field.default_factory() if field.default_factory is not None else field.default
+    if default is None:
+        return ""
+    if isinstance(default, bool):
+        return f" (default: {'on' if default else 'off'})"
+    return f" (default: {default})"
+
+
+def _help(name: str, extra: str = "") -> str:
+    return (SweepSpec.model_fields[name].description or "") + extra + _default(name)
+
+
+def build_parser(prog: str = "lrp-ray") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="Layer-wise Relevance Propagation sweeps over DETR encoder/decoder "
+                                       "features, distributed with Ray.",
+                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("request")
+    g.add_argument("--spec", metavar="FILE", help="YAML job file with spec keys (see jobs/)")
+    g.add_argument("--config", metavar="FILE", help=_help("config"))
+    g.add_argument("--weights", metavar="FILE", help=_help("weights"))
+    g.add_argument("--opt", metavar="KEY=VALUE", action="append", dest="overrides",
+                   help="config override, repeatable (e.g. --opt MODEL.DETR.NUM_OBJECT_QUERIES=50)")
+    g.add_argument("--images", metavar="DIR|GLOB", help=_help("images", "; jpg/jpeg/png/bmp/tif/webp"))
+    g.add_argument("--module", choices=["encoder", "decoder", "both"], help=_help("module"))
+    g.add_argument("--layers", metavar="SPEC", help=_help("layers"))
+    g.add_argument("--features", metavar="SPEC", help=_help("features"))
+    g.add_argument("--queries", metavar="SPEC", help=_help("queries"))
+    g.add_argument("--rules", choices=["cp", "attnlrp"], help=_help("rules"))
+    g.add_argument("--epsilon", type=float, help=_help("epsilon"))
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help=_help("precision"))
+    g.add_argument("--batch-size", type=int, metavar="N", help=_help("batch_size"))
+    g.add_argument("--feature-chunk", type=_int_or_auto, metavar="K|auto", help=_help("feature_chunk"))
+    r = p.add_argument_group("running")
+    r.add_argument("--out", metavar="DIR", help=_help("out"))
+    r.add_argument("--actors", type=_int_or_auto, metavar="N|auto", help=_help("actors"))
+    r.add_argument("--gpus-per-actor", type=float, metavar="F", help=_help("gpus_per_actor"))
+    r.add_argument("--cpus-per-actor", type=int, metavar="N", help=_help("cpus_per_actor"))
+    r.add_argument("--device", choices=["auto", "cpu", "cuda"], help=_help("device"))
+    r.add_argument("--compile", action="store_true", default=None, help=_help("compile"))
+    r.add_argument("--address", metavar="local|auto|ray://HOST:PORT", help=_help("address"))
+    x = r.add_mutually_exclusive_group()
+    x.add_argument("--resume", action="store_true", default=None, help=_help("resume"))
+    x.add_argument("--overwrite", action="store_true", default=None, help=_help("overwrite"))
+    r.add_argument("--heatmaps", action="store_true", default=None, help=_help("heatmaps"))
+    r.add_argument("--cache-budget-mb", type=int, metavar="MIB", help=_help("cache_budget_mb"))
+    r.add_argument("--max-in-flight", type=int, metavar="N", help=_help("max_in_flight"))
+    r.add_argument("--ping-timeout", type=float, metavar="S", dest="ping_timeout_s", help=_help("ping_timeout_s"))
+    r.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    return p
+
+
+_NOT_SPEC = {"spec", "no_progress"}
+
+
+def parse_request(argv: Sequence[str] | None = None, prog: str = "lrp-ray") -> tuple[SweepSpec, Any]:
+    args = build_parser(prog).parse_args(argv)
+    data = load_spec(args.spec) if args.spec else {}
+    flags = {k: v for k, v in vars(args).items() if k not in _NOT_SPEC}
+    return merge_flags(data, flags), args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    prog = "python -m lrp_ray.sweep" if sys.argv and sys.argv[0].endswith("__main__.py") else "lrp-ray"
+    try:
+        spec, args = parse_request(argv, prog)
+        from .driver import prepare
+
+        prep = prepare(spec)
+    except BadRequest as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    from .driver import execute
+
+    def log_fn(line: str) -> None:
+        print(line, flush=True)
+
+    try:
+        result = execute(prep, log_fn=log_fn, progress=False if args.no_progress else None)
+    except BadRequest as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
