@@ -43,10 +43,11 @@ def small_model():
 def test_d2_small_checkpoint_file_loads_exactly(tmp_path: Path) -> None:
     sd = random_state_dict("d2-small")
     path = tmp_path / "model_final.pth"
-    torch.save({"model": sd, "iteration": 123, "trainer": {"iteration": 123}}, path)
+    extra = {"criterion.empty_weight": torch.ones(6)}  # the detectron2 wrapper's loss buffer
+    torch.save({"model": {**sd, **extra}, "iteration": 123, "trainer": {"iteration": 123}}, path)
     model = small_model()
     report = load_weights(model, path)
-    assert report.ok and report.layout == "detectron2"
+    assert report.ok and report.layout == "detectron2" and report.ignored == ["criterion.empty_weight"]
     assert report.missing == [] and report.unexpected == [] and report.loaded == len(sd)
     own = model.state_dict()
     assert len(own) == len(sd)

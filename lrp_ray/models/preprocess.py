@@ -77,7 +77,8 @@ def read_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarr
     """Read an image as RGB uint8 [H,W,3] with its EXIF orientation applied.
 
     Grayscale, palette, CMYK and 16-bit images are converted to 8-bit RGB (16-bit scaled by 255/65535).
-    Transparency is flattened onto a white background. Raises :class:`ImageReadError` for missing,
+    Transparency is flattened onto a white background. A malformed EXIF block is ignored (no rotation).
+    Raises :class:`ImageReadError` for missing,
     unreadable, corrupt or truncated files, non-images, images over ``max_pixels`` (possible
     decompression bombs) and images with a side under ``MIN_IMAGE_SIDE``.
     """
@@ -95,7 +96,10 @@ def read_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarr
                     raise ImageReadError(f"image too large ({w}x{h} = {w * h} px > {max_pixels}); "
                                          "refused as a possible decompression bomb", p)
                 im.load()
-                im = ImageOps.exif_transpose(im)
+                try:
+                    im = ImageOps.exif_transpose(im)
+                except Exception:  # malformed EXIF block: orientation unknowable, keep pixels as stored
+                    pass
                 arr = _to_rgb(im)
     except ImageReadError:
         raise
