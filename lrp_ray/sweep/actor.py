@@ -34,7 +34,7 @@ def engine_chunk_budget(cache_budget_bytes: int) -> int:
 class LrpWorker:
     """One per GPU (or per ``cpus_per_actor`` CPUs). Methods run one at a time, except :meth:`ping`."""
 
-    def __init__(self, cfg: Any, state: dict, engine_opts: dict, threads: int, cache_budget_bytes: int,
+    def __init__(self, cfg: Any, state_box: list, engine_opts: dict, threads: int, cache_budget_bytes: int,
                  feature_chunk: int | None) -> None:
         import torch
 
@@ -48,6 +48,9 @@ class LrpWorker:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
         model = build_model(cfg)
+        # the state dict's ref comes boxed in a list: the driver owns it for the whole sweep, so a restarted
+        # actor can fetch it again (Ray would otherwise warn about constructor args in the object store)
+        state = ray.get(state_box[0], timeout=600)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # read-only object-store arrays; load_state_dict copies them
             sd = {k: torch.from_numpy(v) for k, v in state.items()}
@@ -152,7 +155,8 @@ class LrpWorker:
             pass
         while True:
             try:
-                res = self.engine.relevance(cache, item["module"], item["layer"], features, queries, chunk=chunk)
+                res = self.engine.relevance(cache, item["module"], item["layer"], features, queries,
+                                            chunk=chunk)
                 break
             except Exception as exc:  # out of memory: halve the chunk and try again
                 if chunk > 1 and "out of memory" in str(exc).lower():

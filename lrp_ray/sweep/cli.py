@@ -97,7 +97,8 @@ def build_parser(prog: str = "lrp-ray") -> argparse.ArgumentParser:
     r.add_argument("--heatmaps", action="store_true", default=None, help=_help("heatmaps"))
     r.add_argument("--cache-budget-mb", type=int, metavar="MIB", help=_help("cache_budget_mb"))
     r.add_argument("--max-in-flight", type=int, metavar="N", help=_help("max_in_flight"))
-    r.add_argument("--ping-timeout", type=float, metavar="S", dest="ping_timeout_s", help=_help("ping_timeout_s"))
+    r.add_argument("--ping-timeout", type=float, metavar="S", dest="ping_timeout_s",
+                   help=_help("ping_timeout_s"))
     r.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     return p
 
@@ -115,7 +116,10 @@ def parse_request(argv: Sequence[str] | None = None, prog: str = "lrp-ray") -> t
 def main(argv: Sequence[str] | None = None) -> int:
     prog = "python -m lrp_ray.sweep" if sys.argv and sys.argv[0].endswith("__main__.py") else "lrp-ray"
     try:
-        spec, args = parse_request(argv, prog)
+        try:
+            spec, args = parse_request(argv, prog)
+        except SystemExit as exc:  # --help (0) or a flag argparse refused (2)
+            return int(exc.code or 0)
         from .driver import prepare
 
         prep = prepare(spec)

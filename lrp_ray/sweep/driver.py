@@ -23,13 +23,22 @@ import platform
 import resource
 import sys
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .images import DEMO_IMAGES, ImageError, ImageInfo, discover, duplicate_groups, validate, write_synthetic_images
+from .images import (
+    DEMO_IMAGES,
+    ImageError,
+    ImageInfo,
+    discover,
+    duplicate_groups,
+    validate,
+    write_synthetic_images,
+)
 from .plan import Batch, Plan, WorkItem, make_plan
 from .spec import BadRequest, SweepSpec, check_queries, format_indices, resolve_indices, spec_hash
 from .writer import OWNED_NAMES, atomic_write_text, clean_temp_files, clear_outputs, done_keys, write_part
@@ -82,7 +91,8 @@ class Prepared:
 
 def resolve_out(out: str) -> tuple[Path, str]:
     if "://" in out:
-        raise BadRequest(f"--out {out}: must be a folder path on the driver's machine (URIs are not supported)")
+        raise BadRequest(f"--out {out}: must be a folder path on the driver's machine "
+                         "(URIs are not supported)")
     p = Path(out).expanduser()
     note = ""
     if not p.is_absolute():
@@ -119,7 +129,7 @@ def _one_line(exc: BaseException, limit: int = 400) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
-def _load_model(spec: SweepSpec) -> Any:
+def _load_model(spec: SweepSpec, log_fn: Callable[[str], None]) -> Any:
     import torch
 
     from lrp_ray.models import load_model
@@ -129,8 +139,12 @@ def _load_model(spec: SweepSpec) -> Any:
     if spec.weights is not None and not Path(spec.weights).expanduser().is_file():
         raise BadRequest(f"--weights {spec.weights}: file not found")
     try:
-        with torch.no_grad():
-            return load_model(spec.config, spec.weights, list(spec.overrides), device="cpu")
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = load_model(spec.config, spec.weights, list(spec.overrides), device="cpu")
+        for w in caught:
+            log_fn(f"note: {w.message}")
+        return model
     except (FileNotFoundError, PermissionError) as exc:
         raise BadRequest(_one_line(exc)) from None
     except Exception as exc:  # ConfigError, CheckpointError (weights that do not fit), ...
@@ -160,8 +174,8 @@ def prepare(spec: SweepSpec, log_fn: Callable[[str], None] = print) -> Prepared:
     if nonempty and manifest is None and not spec.overwrite:
         ours = [n for n in OWNED_NAMES if (out / n).exists()]
         what = "results of an unfinished or unknown sweep" if ours else "other files"
-        raise BadRequest(f"--out {out}: folder is not empty ({what}, no manifest.json); choose an empty or new "
-                         "folder, or pass --overwrite")
+        raise BadRequest(f"--out {out}: folder is not empty ({what}, no manifest.json); choose an empty or "
+                         "new folder, or pass --overwrite")
     if not spec.resume and not spec.overwrite and manifest is not None:
         raise BadRequest(f"--out {out}: holds an earlier sweep; resume it (default) or pass --overwrite")
 
@@ -176,11 +190,12 @@ def prepare(spec: SweepSpec, log_fn: Callable[[str], None] = print) -> Prepared:
 
     # model (also validates config / weights)
     t1 = time.perf_counter()
-    model = _load_model(spec)
+    model = _load_model(spec, log_fn)
     from lrp_ray.models import from_module
 
     parts = from_module(model)
-    dims = {"encoder": len(parts.transformer.encoder.layers), "decoder": len(parts.transformer.decoder.layers),
+    dims = {"encoder": len(parts.transformer.encoder.layers),
+            "decoder": len(parts.transformer.decoder.layers),
             "hidden_dim": int(parts.hidden_dim), "num_queries": int(parts.num_queries)}
     layers = {}
     for m in spec.modules:
@@ -231,9 +246,9 @@ def prepare(spec: SweepSpec, log_fn: Callable[[str], None] = print) -> Prepared:
                     resumed=resumed, old_manifest=manifest, timings=timings)
 
 
-_RUN_ONLY = {"out", "actors", "gpus_per_actor", "cpus_per_actor", "device", "compile", "address", "resume",
-             "overwrite", "heatmaps", "cache_budget_mb", "max_in_flight", "max_item_retries", "ping_timeout_s",
-             "description"}
+_RUN_ONLY = {"out", "actors", "gpus_per_actor", "cpus_per_actor", "device", "compile", "address",
+             "resume", "overwrite", "heatmaps", "cache_budget_mb", "max_in_flight", "max_item_retries",
+             "ping_timeout_s", "description"}
 
 
 # ------------------------------------------------------------------------------------------- running
@@ -349,6 +364,7 @@ class _Scheduler:
         self.profile_names: dict[str, list[str]] = {}
         self.actor_peaks: dict[str, dict] = {}
         self.t_last_progress = time.monotonic()
+        self.drop_refs: list[Any] = []
 
     # -------------------------------------------------------------- actors
     def start_actors(self, n: int, options: dict, args: tuple) -> None:
@@ -368,6 +384,11 @@ class _Scheduler:
         return a
 
     def stop_actors(self) -> None:
+        if self.drop_refs:
+            try:
+                self.ray.wait(self.drop_refs, num_returns=len(self.drop_refs), timeout=5)
+            except Exception:
+                pass
         for a in self.actors:
             try:
                 self.ray.kill(a.handle, no_restart=True)
@@ -517,7 +538,7 @@ class _Scheduler:
         for idx in bs.holders | ({bs.owner} if bs.owner is not None else set()):
             a = self.actors[idx]
             if a.available and not a.dead:
-                a.handle.drop.remote([bs.batch.key])
+                self.drop_refs.append(a.handle.drop.remote([bs.batch.key]))
         bs.images_ref = None
         bs.export_ref = None
         bs.holders.clear()
@@ -663,8 +684,8 @@ class _Scheduler:
         for idx, ref in refs.items():
             try:
                 info = self.ray.get(ref, timeout=10)
-                out.append({"actor": idx, **{k: info[k] for k in ("pid", "node", "device", "stats", "peak_rss",
-                                                                   "peak_device")}})
+                keys = ("pid", "node", "device", "stats", "peak_rss", "peak_device")
+                out.append({"actor": idx, **{k: info[k] for k in keys}})
             except Exception:
                 out.append({"actor": idx, "error": "no answer"})
         return out
@@ -681,9 +702,11 @@ def _actor_plan(spec: SweepSpec, local: bool) -> tuple[int, dict, str]:
     if device == "cuda":
         if gpus <= 0:
             if local:
-                raise BadRequest("--device cuda: this machine's Ray instance has no GPU (use --device cpu or auto)")
+                raise BadRequest("--device cuda: this machine's Ray instance has no GPU "
+                                 "(use --device cpu or auto)")
             log.warning("no GPU in the cluster yet; actors wait for the autoscaler")
-        n = max(1, int(math.floor(gpus / spec.gpus_per_actor + 1e-9))) if spec.actors == "auto" else int(spec.actors)
+        n = (max(1, int(math.floor(gpus / spec.gpus_per_actor + 1e-9))) if spec.actors == "auto"
+             else int(spec.actors))
         opts = {"num_gpus": spec.gpus_per_actor, "num_cpus": spec.cpus_per_actor}
     else:
         n = max(1, int(cpus // spec.cpus_per_actor)) if spec.actors == "auto" else int(spec.actors)
@@ -785,7 +808,7 @@ def execute(prep: Prepared, *, log_fn: Callable[[str], None] = print, progress: 
                     _bar.refresh()
             sched = _Scheduler(prep, todo, on_event, slog, bar)
             t0 = time.perf_counter()
-            sched.start_actors(n_actors, opts, (prep.model_cfg, state_ref, engine_opts, spec.cpus_per_actor,
+            sched.start_actors(n_actors, opts, (prep.model_cfg, [state_ref], engine_opts, spec.cpus_per_actor,
                                                 per_actor_budget, chunk))
             try:
                 sched.run()
@@ -843,15 +866,16 @@ def execute(prep: Prepared, *, log_fn: Callable[[str], None] = print, progress: 
                                                        "actor_restarts", "actors_replaced")},
         "failed_items": failed_items,
         "timings": {**{k: round(v, 3) for k, v in prep.timings.items()}, "sweep": round(t_sweep, 3),
-                    "summary": round(t_sum, 3), "total": round(prep.timings.get("prepare", 0) + time.perf_counter()
-                                                              - t_start, 3)},
+                    "summary": round(t_sum, 3),
+                    "total": round(prep.timings.get("prepare", 0) + time.perf_counter() - t_start, 3)},
         "peak_memory": {"driver_rss": peak_driver,
                         "actors": sched.actor_peaks if sched else {}},
         "profile_names": sched.profile_names if sched else {},
         "heatmaps": heatmaps,
     })
     if prep.resumed and prep.old_manifest:
-        manifest["profile_names"] = {**prep.old_manifest.get("profile_names", {}), **manifest["profile_names"]}
+        old_names = prep.old_manifest.get("profile_names", {})
+        manifest["profile_names"] = {**old_names, **manifest["profile_names"]}
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2, default=str))
     _final_table(log_fn, prep, manifest, summary)
     return SweepResult(out, exit_code, manifest, prep.errors, failed_items)
@@ -877,16 +901,22 @@ def _render_heatmaps(out: Path, log_fn: Callable[[str], None]) -> str | None:
 
 def _final_table(log_fn: Callable[[str], None], prep: Prepared, manifest: dict, summary: Any) -> None:
     c = manifest["counts"]
-    lines = ["", f"{'module':8} {'layer':>5} {'features':>8} {'maps':>10} {'rel. mean':>11} {'act. mean':>11}"]
+    cache = manifest["cache"]
+    head = f"{'module':8} {'layer':>5} {'features':>8} {'maps':>10} {'input rel.':>11} {'activation':>11}"
+    lines = ["", head]
     if summary is not None and len(summary):
-        for (m, layer), g in summary.groupby(["module", "layer"], sort=True):
-            lines.append(f"{m:8} {int(layer):>5} {len(g):>8} {int(g['n_rows'].sum()):>10} "
-                         f"{g['relevance_mean'].mean():>11.4g} {g['activation_mean'].mean():>11.4g}")
-    lines.append(f"status {manifest['status']}: {c['images_ok']} images ok, {c['images_failed']} failed"
-                 f"{' (see errors.csv)' if c['images_failed'] else ''}; {c['items_total']} work items "
-                 f"({c['items_skipped_resume']} resumed, {c['items_run']} run, {c['items_failed']} failed); "
-                 f"{manifest['forward_passes']} forward passes, {manifest['cache']['cache_hits']} cache hits, "
-                 f"{manifest['cache']['cache_transfers']} transfers; {manifest['timings']['total']:.1f}s")
+        for m in ("encoder", "decoder"):
+            for layer, g in summary[summary["module"] == m].groupby("layer", sort=True):
+                rel, act = g["input_relevance_mean"].mean(), g["activation_mean"].mean()
+                lines.append(f"{m:8} {int(layer):>5} {len(g):>8} {int(g['n_rows'].sum()):>10} "
+                             f"{rel:>11.4g} {act:>11.4g}")
+    failed = f" (see {prep.out / 'errors.csv'})" if c["images_failed"] else ""
+    lines.append(f"status {manifest['status']}: {c['images_ok']} images ok, "
+                 f"{c['images_failed']} failed{failed}")
+    lines.append(f"{c['items_total']} work items: {c['items_skipped_resume']} resumed, {c['items_run']} run, "
+                 f"{c['items_failed']} failed; {manifest['forward_passes']} forward passes, "
+                 f"{cache['cache_hits']} cache hits, {cache['cache_transfers']} cache transfers; "
+                 f"{manifest['timings']['total']:.1f}s")
     lines.append(f"results: {prep.out}")
     for line in lines:
         log_fn(line)

@@ -52,8 +52,9 @@ class WorkItem:
 
     def label(self, n_batches: int) -> str:
         """The seed's log style: ``encoder layer 5, features 0-63, batch 3/33 (4 images)``."""
+        s = "s" if self.n_images != 1 else ""
         return (f"{self.module} layer {self.layer}, features {format_indices(self.features)}, "
-                f"batch {self.batch + 1}/{n_batches} ({self.n_images} image{'s' if self.n_images != 1 else ''})")
+                f"batch {self.batch + 1}/{n_batches} ({self.n_images} image{s})")
 
 
 @dataclass

@@ -40,7 +40,8 @@ class SweepSpec(BaseModel):
 
     description: str = Field("", description="free text, for job files; ignored")
     # --- model
-    config: str | None = Field(None, description="detectron2 config.yaml of the model (default: bundled demo)")
+    config: str | None = Field(None, description="detectron2 config.yaml of the model "
+                                                 "(default: bundled demo)")
     weights: str | None = Field(None, description="checkpoint .pth (default: bundled demo / random seed 0)")
     overrides: list[str] = Field(default_factory=list,
                                  description="config overrides, 'KEY=VALUE' (detectron2 keys)")
@@ -68,7 +69,8 @@ class SweepSpec(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="compute device of the actors")
     compile: bool = Field(False, description="torch.compile the relevance kernels")
     address: str | None = Field(None, description="Ray address: 'local' (a fresh instance on 127.0.0.1), "
-                                                  "'auto', 'ray://host:10001'; default: $RAY_ADDRESS or local")
+                                                  "'auto', 'ray://host:10001'; default: $RAY_ADDRESS or "
+                                                  "local")
     resume: bool = Field(True, description="skip work already in OUT (same spec only)")
     overwrite: bool = Field(False, description="delete earlier results in OUT first")
     heatmaps: bool = Field(False, description="also render OUT/heatmaps/*.png")
@@ -176,8 +178,8 @@ def parse_queries(value: Any) -> str | list[int]:
         try:
             ids = parse_index_list(text, "queries")
         except ValueError:
-            raise ValueError(f"queries: expected 'all', 'topK' (e.g. 'top5') or ids like '0,3', got {value!r}") \
-                from None
+            raise ValueError(f"queries: expected 'all', 'topK' (e.g. 'top5') or ids like '0,3', "
+                             f"got {value!r}") from None
         if ids is None:
             return "all"
         return ids
@@ -191,7 +193,8 @@ def check_queries(value: Any, num_queries: int) -> str | list[int]:
     if isinstance(q, str) and q.startswith("top"):
         k = int(q[3:])
         if k > num_queries:
-            raise BadRequest(f"queries {q}: this model has {num_queries} object queries (top1-top{num_queries})")
+            raise BadRequest(f"queries {q}: this model has {num_queries} object queries "
+                             f"(top1-top{num_queries})")
     elif isinstance(q, list):
         bad = [i for i in q if i >= num_queries]
         if bad:
@@ -252,7 +255,8 @@ def load_spec(path: str | Path) -> dict[str, Any]:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise BadRequest(f"--spec {path}: top level must be a mapping of spec keys, got {type(data).__name__}")
+        raise BadRequest(f"--spec {path}: top level must be a mapping of spec keys, "
+                         f"got {type(data).__name__}")
     # relative model / image paths in a job file are relative to the working directory (as on the command
     # line), so that `ray job submit --working-dir .` and a local run behave the same
     build_spec(data, f"--spec {path}")

@@ -61,8 +61,8 @@ def result_to_table(res: Any, image_names: Sequence[str], image_sizes: Sequence[
     if len(image_names) != b:
         raise ValueError(f"{len(image_names)} image names for {b} images")
     valid = np.asarray(res.valid_hw).astype(np.int64)
-    token_blocks = [np.asarray(res.token_maps[i, :, :valid[i, 0], :valid[i, 1]], dtype=np.float32).reshape(n, -1)
-                    for i in range(b)]
+    token_blocks = [np.asarray(res.token_maps[i, :, :valid[i, 0], :valid[i, 1]], dtype=np.float32)
+                    .reshape(n, -1) for i in range(b)]
     chan = np.asarray(res.channel_relevance, dtype=np.float32).reshape(b * n, -1)
     prof = np.asarray(res.profile, dtype=np.float64).reshape(b * n, -1)
     q = np.asarray(res.queries).reshape(-1).astype(np.int32)

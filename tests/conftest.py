@@ -1,0 +1,75 @@
+"""Shared test setup: one local Ray instance per pytest session (2 CPUs, 127.0.0.1) for in-process sweep
+tests, a tiny DETR (as config overrides of the demo stand-in) and tiny image folders.
+
+Subprocess tests (CLI, ray job submit, multi-node) start their own Ray; the in-process instance is
+private to this process (``address="local"``), so they do not collide.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Before ray is imported anywhere: no usage stats, and a local instance binds to 127.0.0.1.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Ray workers and subprocesses import lrp_ray from this checkout even when it is not pip-installed.
+_pp = os.environ.get("PYTHONPATH", "")
+if str(REPO) not in _pp.split(os.pathsep):
+    os.environ["PYTHONPATH"] = str(REPO) + (os.pathsep + _pp if _pp else "")
+
+TINY_OVERRIDES = [
+    "MODEL.RESNETS.STEM_OUT_CHANNELS=8", "MODEL.RESNETS.RES2_OUT_CHANNELS=8", "MODEL.DETR.HIDDEN_DIM=32",
+    "MODEL.DETR.DIM_FEEDFORWARD=64", "MODEL.DETR.ENC_LAYERS=2", "MODEL.DETR.DEC_LAYERS=2",
+    "MODEL.DETR.NUM_OBJECT_QUERIES=5", "MODEL.DETR.NUM_CLASSES=3", "INPUT.MIN_SIZE_TEST=64",
+    "INPUT.MAX_SIZE_TEST=128",
+]
+"""The demo stand-in DETR shrunk further: hidden 32, 2+2 layers, 5 queries, images resized to 64 px."""
+
+TINY_SIZES = {"a.jpg": (64, 96), "b.png": (96, 64), "sub/c.png": (80, 80), "sub/deeper/d.bmp": (64, 64),
+              "e.webp": (72, 110)}
+
+
+def write_images(folder: Path, sizes: dict[str, tuple[int, int]] = TINY_SIZES, seed: int = 0) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name, (h, w) in sizes.items():
+        p = folder / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        arr = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(p, quality=95) if p.suffix == ".jpg" else Image.fromarray(arr).save(p)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_images(tmp_path_factory) -> Path:
+    """Five small images of different sizes, nested folders, several formats."""
+    return write_images(tmp_path_factory.mktemp("tiny_images"))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance (2 CPUs) for every in-process sweep test of the session."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 logging_level="WARNING", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def run_cli(args: list[str], cwd: Path | None = None, timeout: float = 300, env: dict | None = None):
+    """``python -m lrp_ray.sweep ARGS`` in a subprocess (its own local Ray)."""
+    import subprocess
+
+    e = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "lrp_ray.sweep", *args], cwd=cwd or REPO, env=e,
+                          capture_output=True, text=True, timeout=timeout)

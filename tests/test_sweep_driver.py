@@ -1,0 +1,178 @@
+"""The sweep driver on the session's local Ray (2 CPUs): rows, forward count, resume, refusal, failures."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from lrp_ray.sweep import BadRequest, SweepSpec, run_sweep
+
+from .conftest import TINY_OVERRIDES, write_images
+from .test_sweep_images import make_bad_images
+
+KEY = ["module", "layer", "image", "feature", "query"]
+
+
+def tiny_spec(out, images, **kw) -> SweepSpec:
+    base = dict(images=str(images), overrides=TINY_OVERRIDES, out=str(out), batch_size=2, features="0-5",
+                feature_chunk=3, actors=2, queries="top2", ping_timeout_s=20, device="cpu")
+    return SweepSpec(**{**base, **kw})
+
+
+def load(out) -> pd.DataFrame:
+    df = pd.read_parquet(out / "relevance")
+    df["module"] = df["module"].astype(str)
+    df["layer"] = df["layer"].astype(int)
+    df["query"] = df["query"].fillna(-1).astype(int)
+    return df.sort_values(KEY).reset_index(drop=True)
+
+
+def expected_keys(images: list[str], features=range(6), layers=(0, 1), queries=2) -> set:
+    keys = set()
+    for img in images:
+        for layer in layers:
+            for f in features:
+                keys.add(("encoder", layer, img, f))
+                for q in range(queries):
+                    keys.add(("decoder", layer, img, f, q))
+    return keys
+
+
+def row_keys(df: pd.DataFrame) -> set:
+    out = set()
+    rank = df[df.module == "decoder"].groupby(["layer", "image", "feature"]).cumcount()
+    for i, r in enumerate(df.itertuples()):
+        if r.module == "encoder":
+            out.add((r.module, r.layer, r.image, r.feature))
+        else:
+            out.add((r.module, r.layer, r.image, r.feature, int(rank.loc[r.Index])))
+    assert len(out) == len(df)
+    return out
+
+
+def assert_same_rows(a: pd.DataFrame, b: pd.DataFrame, tol: float = 1e-6) -> None:
+    assert len(a) == len(b)
+    pd.testing.assert_frame_equal(a[KEY], b[KEY])
+    for col in ("act_sum", "act_mean", "relevance_total", "input_relevance", "bias_relevance"):
+        pd.testing.assert_series_equal(a[col], b[col], rtol=tol, atol=tol)
+    for x, y in zip(a.token_map, b.token_map):
+        assert len(x) == len(y) and max(abs(x - y), default=0) <= tol * max(1.0, abs(x).max())
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_session, tiny_images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep") / "out"
+    lines: list[str] = []
+    res = run_sweep(tiny_spec(out, tiny_images), log_fn=lines.append, progress=False)
+    return out, res, lines
+
+
+def test_rows_forward_count_and_manifest(first_run, tiny_images):
+    out, res, lines = first_run
+    assert res.exit_code == 0, lines
+    df = load(out)
+    names = sorted(p.relative_to(tiny_images).as_posix() for p in tiny_images.rglob("*") if p.is_file())
+    assert len(df) == 5 * 6 * 2 + 5 * 6 * 2 * 2  # images x targets
+    assert not df.duplicated(KEY).any()
+    assert row_keys(df) == expected_keys(names)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "complete" and m["counts"]["batches"] == 3
+    assert m["forward_passes"] == m["counts"]["batches"]  # one forward per image batch
+    assert m["cache"]["cache_hits"] + m["cache"]["cache_transfers"] + m["forward_passes"] == 24
+    assert m["counts"]["items_run"] == 24 and m["counts"]["maps_total"] == len(df)
+    assert set(m["profile_names"]) == {"encoder/0", "encoder/1", "decoder/0", "decoder/1"}
+    assert m["spec_hash"] and m["versions"]["ray"] and m["timings"]["total"] > 0
+    assert m["peak_memory"]["driver_rss"] > 0
+    assert any(line.startswith("encoder layer 0, features 0-2, batch 1/3 (2 images)") for line in lines)
+    assert (out / "errors.csv").read_text().strip() == "image,reason"
+    summary = pd.read_csv(out / "summary.csv")
+    assert len(summary) == 2 * 2 * 6 and (summary.n_images == 5).all()
+
+
+def test_resume_skips_finished_work_and_ends_with_the_same_rows(first_run, tiny_images, tmp_path):
+    out, _, _ = first_run
+    before = load(out)
+    parts = sorted((out / "relevance").glob("module=*/layer=*/part-*.parquet"))
+    removed = [p for p in parts if p.name in ("part-b00001-c0000.parquet", "part-b00002-c0001.parquet")][:3]
+    assert removed
+    for p in removed:
+        p.unlink()
+    lines: list[str] = []
+    res = run_sweep(tiny_spec(out, tiny_images), log_fn=lines.append, progress=False)
+    assert res.exit_code == 0
+    m = res.manifest
+    assert m["counts"]["items_skipped_resume"] == 24 - len(removed)
+    assert m["counts"]["items_run"] == len(removed)
+    assert m["forward_passes"] == len({p.name.split("-")[1] for p in removed})
+    assert_same_rows(load(out), before, tol=0)
+    # running it again computes nothing
+    res = run_sweep(tiny_spec(out, tiny_images), log_fn=lines.append, progress=False)
+    assert res.manifest["counts"]["items_run"] == 0 and res.manifest["forward_passes"] == 0
+    assert_same_rows(load(out), before, tol=0)
+
+
+def test_different_spec_is_refused_unless_overwrite(first_run, tiny_images, tmp_path):
+    out, _, _ = first_run
+    with pytest.raises(BadRequest, match=r"different sweep \(differs in: features\)"):
+        run_sweep(tiny_spec(out, tiny_images, features="0-3"), log_fn=lambda s: None, progress=False)
+    other = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(out, other)
+    res = run_sweep(tiny_spec(other, tiny_images, features="0-3", module="encoder", overwrite=True),
+                    log_fn=lambda s: None, progress=False)
+    assert res.exit_code == 0
+    df = load(other)
+    assert set(df.module) == {"encoder"} and len(df) == 5 * 4 * 2
+
+
+@pytest.mark.parametrize("no_restart", [False, True], ids=["restart", "gone"])
+def test_actor_killed_mid_sweep_still_gives_the_exact_rows(ray_session, first_run, tiny_images, tmp_path,
+                                                           no_restart):
+    import ray
+
+    handles: list = []
+    killed: list = []
+
+    def on_event(kind, **info):
+        if kind == "actors_started":
+            handles.extend(info["handles"])
+        elif kind == "item_done" and not killed and info["done"] >= 2:
+            ray.kill(handles[info["actor"]], no_restart=no_restart)
+            killed.append(info["actor"])
+
+    out = tmp_path / "out"
+    lines: list[str] = []
+    res = run_sweep(tiny_spec(out, tiny_images), log_fn=lines.append, progress=False, on_event=on_event)
+    assert killed and res.exit_code == 0, lines
+    assert_same_rows(load(out), load(first_run[0]))
+    rel = res.manifest["reliability"]
+    assert rel["actor_restarts"] + rel["actors_replaced"] + rel["item_retries"] + rel["reassigned"] >= 1, rel
+
+
+def test_bad_images_are_skipped_and_reported(ray_session, tmp_path):
+    images = tmp_path / "images"
+    expected = make_bad_images(images)
+    write_images(images, {"good1.png": (64, 80), "nested/good2.jpg": (70, 64)})
+    out = tmp_path / "out"
+    lines: list[str] = []
+    res = run_sweep(tiny_spec(out, images, actors=1, module="encoder", layers="1"), log_fn=lines.append,
+                    progress=False)
+    assert res.exit_code == 1
+    errors = pd.read_csv(out / "errors.csv")
+    assert set(errors.image) == set(expected) and errors.reason.str.len().min() > 0
+    df = load(out)
+    assert set(df.image) == {"good1.png", "nested/good2.jpg"} and len(df) == 2 * 6
+    assert res.manifest["counts"]["images_failed"] == len(expected)
+    assert any(f"{len(expected)} failed" in line for line in lines)
+
+
+def test_one_actor_small_cache_budget_gives_the_same_values(ray_session, first_run, tiny_images, tmp_path):
+    out = tmp_path / "out"
+    res = run_sweep(tiny_spec(out, tiny_images, actors=1, cache_budget_mb=1, max_in_flight=1),
+                    log_fn=lambda s: None, progress=False)
+    assert res.exit_code == 0
+    assert res.manifest["forward_passes"] == 3 and res.manifest["cache"]["cache_transfers"] == 0
+    assert_same_rows(load(out), load(first_run[0]))

@@ -1,0 +1,175 @@
+"""Sweep requests: spec parsing, job files, flag merge, and bad requests (exit 2 before anything starts)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lrp_ray.sweep.cli import build_parser, main, parse_request
+from lrp_ray.sweep.spec import (
+    BadRequest,
+    SweepSpec,
+    format_indices,
+    load_spec,
+    merge_flags,
+    parse_index_list,
+    parse_queries,
+    resolve_indices,
+)
+
+from .conftest import REPO, TINY_OVERRIDES
+
+JOBS = sorted((REPO / "jobs").glob("*.yaml"))
+
+
+def test_index_lists():
+    assert parse_index_list("all") is None
+    assert parse_index_list("0-3,7") == [0, 1, 2, 3, 7]
+    assert parse_index_list("233,100") == [100, 233]
+    assert parse_index_list(5) == [5]
+    assert parse_index_list([3, 1, 3]) == [1, 3]
+    for bad in ("5-2", "a", "-1", [], [-1], True, "1;2"):
+        with pytest.raises(ValueError):
+            parse_index_list(bad)
+    assert format_indices([0, 1, 2, 3, 7, 9, 10]) == "0-3,7,9-10"
+    assert resolve_indices("all", 4, "layers") == [0, 1, 2, 3]
+    with pytest.raises(BadRequest, match=r"layers 6-7 out of range.*0-5"):
+        resolve_indices("0-7", 6, "layers")
+    assert parse_queries("top5") == "top5" and parse_queries("ALL") == "all" and parse_queries("0,3") == [0, 3]
+    with pytest.raises(ValueError):
+        parse_queries("best")
+
+
+def test_job_files_are_valid_and_documented():
+    names = {p.name for p in JOBS}
+    assert {"thesis_sweep.yaml", "quick_demo.yaml", "decoder_queries.yaml"} <= names
+    for path in JOBS:
+        data = load_spec(path)
+        spec = merge_flags(data, {})
+        assert spec.description, f"{path.name} needs a description"
+        assert path.read_text().lstrip().startswith("#"), f"{path.name} should start with a comment"
+    thesis = merge_flags(load_spec(REPO / "jobs" / "thesis_sweep.yaml"), {})
+    assert thesis.module == "both" and thesis.layers == "all" and thesis.features == "all"
+
+
+def test_flags_override_spec(tmp_path):
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text("module: encoder\nlayers: 0-2\nbatch_size: 8\nout: from_spec\n")
+    spec, _ = parse_request(["--spec", str(spec_file), "--layers", "1", "--out", "from_flag"])
+    assert (spec.module, spec.layers, spec.batch_size, spec.out) == ("encoder", "1", 8, "from_flag")
+    spec, _ = parse_request(["--feature-chunk", "16", "--actors", "auto", "--opt", "INPUT.MIN_SIZE_TEST=64"])
+    assert spec.feature_chunk == 16 and spec.actors == "auto" and spec.overrides == ["INPUT.MIN_SIZE_TEST=64"]
+
+
+def test_unknown_spec_key_is_refused(tmp_path):
+    p = tmp_path / "job.yaml"
+    p.write_text("modul: encoder\n")
+    with pytest.raises(BadRequest, match=r"modul: unknown key"):
+        load_spec(p)
+    p.write_text("layers: [0, 1\n")
+    with pytest.raises(BadRequest, match="not valid YAML"):
+        load_spec(p)
+    with pytest.raises(BadRequest, match="batch_size"):
+        merge_flags({}, {"batch_size": 0})
+
+
+def test_help_documents_flags_defaults_and_exit_codes(capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--spec", "--config", "--weights", "--images", "--module", "--layers", "--features", "--queries",
+                 "--rules", "--out", "--batch-size", "--feature-chunk", "--actors", "--gpus-per-actor",
+                 "--cpus-per-actor", "--device", "--precision", "--compile", "--address", "--resume",
+                 "--overwrite", "--heatmaps"):
+        assert flag in text
+    assert "(default: 4)" in text and "Exit codes" in text
+    for code in ("0 ", "1 ", "2 ", "3 "):
+        assert f"\n  {code}" in text
+
+
+@pytest.fixture()
+def wrong_weights(tmp_path):
+    """A config file and a checkpoint of a different architecture."""
+    from lrp_ray.models.build import build_model, demo_config
+
+    cfg = demo_config().with_overrides(TINY_OVERRIDES)
+    cfg.to_yaml(tmp_path / "config.yaml")
+    other = cfg.with_overrides({"MODEL.DETR.HIDDEN_DIM": 48})
+    torch.save({"model": build_model(other).state_dict()}, tmp_path / "other.pth")
+    return tmp_path
+
+
+BAD_REQUESTS = {
+    "layer out of range": (["--layers", "0-9"], r"layers 2-9 out of range.*0-1"),
+    "feature out of range": (["--features", "30-40"], r"features 32-40 out of range.*0-31"),
+    "query out of range": (["--module", "decoder", "--queries", "7"], r"queries 7 out of range.*0-4"),
+    "unknown module": (["--module", "middle"], r"invalid choice: 'middle'"),
+    "batch size 0": (["--batch-size", "0"], r"batch_size"),
+    "bad layers syntax": (["--layers", "x-y"], r"layers: cannot read"),
+    "missing image folder": (["--images", "/nonexistent/images"], r"no such folder"),
+    "missing weights": (["--weights", "/nonexistent/model.pth"], r"--weights .*file not found"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_bad_requests_exit_2_before_anything_starts(case, tiny_images, tmp_path, capsys):
+    args, pattern = BAD_REQUESTS[case]
+    out = tmp_path / "out"
+    base = ["--images", str(tiny_images), "--out", str(out), *sum((["--opt", o] for o in TINY_OVERRIDES), [])]
+    assert main([*base, *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    import re
+
+    assert re.search(pattern, err), err
+    assert not (out / "manifest.json").exists()
+
+
+def test_more_bad_requests(tiny_images, tmp_path, wrong_weights, capsys):
+    opts = sum((["--opt", o] for o in TINY_OVERRIDES), [])
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "notes.txt").write_text("no images here")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    spec_bad = tmp_path / "bad.yaml"
+    spec_bad.write_text("features: all\nfeaturez: 3\n")
+    cases = [
+        (["--images", str(empty), "--out", str(tmp_path / "o1"), *opts], "holds no image files"),
+        (["--images", str(tiny_images), "--out", str(a_file), *opts], "is a file"),
+        (["--images", str(tiny_images), "--out", str(a_file / "sub"), *opts], "is a file"),
+        (["--spec", str(spec_bad), "--images", str(tiny_images)], "featurez: unknown key"),
+        (["--spec", str(tmp_path / "missing.yaml")], "file not found"),
+        (["--images", str(tiny_images), "--out", str(tmp_path / "o2"), "--config",
+          str(wrong_weights / "config.yaml"), "--weights", str(wrong_weights / "other.pth")], "--weights"),
+        (["--images", str(tiny_images), "--out", str(tmp_path / "o3"), "--config", str(tmp_path / "nope.yaml")],
+         "--config .*file not found"),
+        (["--images", str(tiny_images), "--out", str(tmp_path / "o4"), "--opt", "MODEL.DETR.HIDDEN_DIMM=4"],
+         "unknown config key"),
+    ]
+    import re
+
+    for args, pattern in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and re.search(pattern, err), (args, err)
+
+
+def test_nonempty_foreign_out_is_refused(tiny_images, tmp_path, capsys):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "thesis.tex").write_text("do not touch")
+    opts = sum((["--opt", o] for o in TINY_OVERRIDES), [])
+    assert main(["--images", str(tiny_images), "--out", str(out), *opts]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (out / "thesis.tex").read_text() == "do not touch"
+
+
+def test_spec_defaults_are_the_documented_ones():
+    s = SweepSpec()
+    assert (s.module, s.layers, s.features, s.rules, s.batch_size, s.out) == ("both", "all", "all", "cp", 4,
+                                                                            "lrp_out")
+    assert Path(s.out).parts[0] == "lrp_out"
