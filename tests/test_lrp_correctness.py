@@ -194,3 +194,28 @@ def test_bad_targets_name_valid_range(bad, msg):
     eng = _engine(parts, eps=1e-6, precision="fp32")
     with pytest.raises(ValueError, match=msg):
         eng.relevance(eng.forward_tokens(src, pos, mask), **bad)
+
+
+@pytest.mark.parametrize("pre_norm", [False, True])
+@pytest.mark.parametrize("eps", [0.0, 0.05])
+def test_per_token_ffn_maps_equal_direct_propagation_and_oracle(pre_norm, eps):
+    """Many targets route the encoder FFNs through per-token maps; results must not change."""
+    parts = tiny_detr(pre_norm=pre_norm)
+    src, pos, mask = token_inputs(32, SIZES)
+    feats = list(range(20))  # >= hidden_dim / 2 targets -> maps are built
+    fast = _engine(parts, eps=eps)
+    cache = fast.forward_tokens(src, pos, mask)
+    res = fast.relevance(cache, "encoder", 2, feats)
+    assert any(k[0] == "ffn" for k in cache.derived) and cache.derived_nbytes > 0
+    direct = LrpEngine(parts, EngineConfig(epsilon=eps, precision="fp64", device="cpu", ffn_maps=False))
+    ref = direct.relevance(direct.forward_tokens(src, pos, mask), "encoder", 2, feats)
+    assert _rel_err(res.token_maps, ref.token_maps) <= 1e-9
+    np.testing.assert_allclose(res.bias_relevance, ref.bias_relevance, rtol=1e-9, atol=1e-12)
+    if eps == 0.0:
+        x0, p, kpm = _flat(src, pos, mask)
+        o = oracle_relevance(parts.transformer, x0, p, kpm, parts.query_embed.weight, "encoder", 2, 13,
+                             None, "cp")
+        assert _rel_err(res.token_maps[:, 13], o.sum(-1).view(len(SIZES), *mask.shape[1:]).numpy()) <= 1e-6
+    dec = fast.relevance(cache, "decoder", 1, [0, 1, 2], "all")  # 18 targets, maps reused
+    dref = direct.relevance(direct.forward_tokens(src, pos, mask), "decoder", 1, [0, 1, 2], "all")
+    assert _rel_err(dec.token_maps, dref.token_maps) <= 1e-9

@@ -28,6 +28,8 @@ class ForwardCache:
 
     tensors: dict[str, Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
+    derived: dict[Any, Any] = field(default_factory=dict, repr=False)
+    """Target-independent data derived from the tensors (e.g. per-token FFN maps); never serialised."""
 
     def __getitem__(self, key: str) -> Tensor:
         return self.tensors[key]
@@ -39,6 +41,14 @@ class ForwardCache:
     def nbytes(self) -> int:
         """Total bytes held by the cached tensors."""
         return int(sum(t.numel() * t.element_size() for t in self.tensors.values()))
+
+    @property
+    def derived_nbytes(self) -> int:
+        """Bytes held by derived data (rebuilt on demand, not part of :attr:`nbytes`)."""
+        return int(sum(t.numel() * t.element_size() for v in self.derived.values() for t in v))
+
+    def drop_derived(self) -> None:
+        self.derived.clear()
 
     @property
     def device(self) -> torch.device:

@@ -33,6 +33,8 @@ class EngineConfig:
     device: str = "auto"
     compile: bool = False
     memory_budget_bytes: int = 1 << 30
+    ffn_maps: bool = True
+    """Build per-token FFN maps when a call has many targets (see ``rules.ffn_token_maps``)."""
 
     def __post_init__(self) -> None:
         RuleSet(self.rules, self.epsilon)
@@ -195,13 +197,15 @@ class LrpEngine:
             qsel = select_queries(cache, "all" if queries is None else queries)
         r = qsel.shape[1]
         step = chunk or self.max_feature_chunk(cache, module, layer, r)
-        parts = [self._relevance_chunk(cache, module, layer, features[i:i + step], qsel)
+        # per-token FFN maps cost about as much as dff*d/(2*dff-d) ~ d/2 direct targets to build
+        use_maps = self.config.ffn_maps and len(features) * r >= self.weights.hidden_dim // 2
+        parts = [self._relevance_chunk(cache, module, layer, features[i:i + step], qsel, use_maps)
                  for i in range(0, len(features), step)]
         return RelevanceResult.concat(parts)
 
     @torch.no_grad()
     def _relevance_chunk(self, cache: ForwardCache, module: str, layer: int, features: list[int],
-                         qsel: np.ndarray) -> RelevanceResult:
+                         qsel: np.ndarray, use_maps: bool = False) -> RelevanceResult:
         w, acc = self.weights, self._acc
         d = w.hidden_dim
         valid = ~cache["mask"]
@@ -223,7 +227,7 @@ class LrpEngine:
             act_sum = act_max = act_mean = act
         ledger = Ledger(acc)
         target = ledger.rel(y, g)
-        g = self._propagate(cache, w, self.rules, module, layer, g, ledger)
+        g = self._propagate(cache, w, self.rules, module, layer, g, ledger, use_maps)
         x0 = cache["enc.x.0"].to(acc)
         g = g.to(acc)
         token = torch.einsum("btd,btnd->bnt", x0, g)

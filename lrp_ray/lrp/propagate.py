@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .cache import ForwardCache
-from .rules import RuleSet, attention_back, ffn_back, layernorm_back, stab
+from .rules import RuleSet, attention_back, ffn_back, ffn_back_tokenwise, ffn_token_maps, layernorm_back, stab
 from .weights import TransformerWeights
 
 
@@ -48,20 +48,33 @@ def _split_sum(g: Tensor, base: Tensor, other: Tensor, eps: float, ledger: Ledge
     return gs
 
 
+def _encoder_ffn_back(g: Tensor, i: int, c: ForwardCache, w: TransformerWeights, eps: float,
+                      use_maps: bool):
+    """Encoder FFN backward: through per-token maps (built once per cache and layer, kept as derived
+    data) when many targets share them, else directly."""
+    key = ("ffn", i, eps)
+    if key not in c.derived and not use_maps:
+        return ffn_back(g, c[f"enc.{i}.f"], c[f"enc.{i}.u"], w.encoder[i].ffn, eps)
+    if key not in c.derived:
+        c.derived[key] = ffn_token_maps(c[f"enc.{i}.u"], w.encoder[i].ffn, eps)
+    maps, vecs = c.derived[key]
+    return ffn_back_tokenwise(g, c[f"enc.{i}.f"], maps, vecs, w.encoder[i].ffn.b2, eps)
+
+
 def encoder_layer_back(g: Tensor, i: int, c: ForwardCache, w: TransformerWeights, rules: RuleSet,
-                       ledger: Ledger) -> Tensor:
+                       ledger: Ledger, use_maps: bool = False) -> Tensor:
     """g at the output of encoder layer ``i`` -> g at its input."""
     eps = rules.epsilon
     lw = w.encoder[i]
     p = f"enc.{i}."
     x, y = c[f"enc.x.{i}"], c[f"enc.x.{i + 1}"]
-    f, u, a = c[p + "f"], c[p + "u"], c[p + "a"]
+    f, a = c[p + "f"], c[p + "a"]
     pos = c["pos"]
     if w.pre_norm:
         n1, n2 = c[p + "ln1"], c[p + "ln2"]
         z1 = x + a
         g = stab(g, y, eps)
-        gf, b1 = ffn_back(g, f, u, lw.ffn, eps)
+        gf, b1 = _encoder_ffn_back(g, i, c, w, eps, use_maps)
         gn2, b2 = layernorm_back(gf, n2, c[p + "rstd2"], lw.norm2.gamma, lw.norm2.beta, eps)
         g = stab(g + gn2, z1, eps)
         ag = attention_back(g, _attn(c, p), lw.attn, rules)
@@ -75,7 +88,7 @@ def encoder_layer_back(g: Tensor, i: int, c: ForwardCache, w: TransformerWeights
     h = c[p + "ln1"]
     g, b1 = layernorm_back(g, y, c[p + "rstd2"], lw.norm2.gamma, lw.norm2.beta, eps)
     g = stab(g, h + f, eps)
-    gf, b2 = ffn_back(g, f, u, lw.ffn, eps)
+    gf, b2 = _encoder_ffn_back(g, i, c, w, eps, use_maps)
     g, b3 = layernorm_back(g + gf, h, c[p + "rstd1"], lw.norm1.gamma, lw.norm1.beta, eps)
     g = stab(g, x + a, eps)
     ag = attention_back(g, _attn(c, p), lw.attn, rules)
@@ -162,8 +175,11 @@ def decoder_layer_back(g: Tensor, g_mem: Tensor, j: int, c: ForwardCache, w: Tra
 
 
 def propagate(c: ForwardCache, w: TransformerWeights, rules: RuleSet, module: str, layer: int,
-              g: Tensor, ledger: Ledger) -> Tensor:
-    """Propagate ``g`` from the output of ``module`` layer ``layer`` to the encoder input tokens."""
+              g: Tensor, ledger: Ledger, use_maps: bool = False) -> Tensor:
+    """Propagate ``g`` from the output of ``module`` layer ``layer`` to the encoder input tokens.
+
+    ``use_maps``: route the encoder FFNs through per-token maps (worth it for many targets).
+    """
     if module == "decoder":
         mem = memory_of(c, w)
         b, t, n, d = g.shape[0], mem.shape[1], g.shape[2], g.shape[3]
@@ -181,7 +197,7 @@ def propagate(c: ForwardCache, w: TransformerWeights, rules: RuleSet, module: st
     else:
         top = layer
     for i in range(top, -1, -1):
-        g = encoder_layer_back(g, i, c, w, rules, ledger)
+        g = encoder_layer_back(g, i, c, w, rules, ledger, use_maps)
         ledger.record(f"encoder.{i}.in", ledger.rel(c[f"enc.x.{i}"], g))
     return g
 

@@ -109,6 +109,40 @@ def ffn_back(g: Tensor, f: Tensor, u: Tensor, ffn, eps: float) -> tuple[Tensor, 
     return mm(gu, ffn.w1), bias
 
 
+def ffn_token_maps(u: Tensor, ffn, eps: float, block_bytes: int = 1 << 28) -> tuple[Tensor, Tensor]:
+    """Per-token linear map of the FFN backward.
+
+    For token t: ``g_x = (g_f rho(f)) @ M_t`` with ``M_t = W2 diag(gate_t rho(u_t)) W1`` ([d, d]) and the
+    hidden bias relevance ``(g_f rho(f)) @ v_t`` with ``v_t = W2 (gate_t rho(u_t) b1)``. Building the
+    maps costs ``d * dff * d`` per token once per cache and layer, independent of the number of
+    targets; afterwards each target costs ``d * d`` per token instead of ``2 * d * dff``.
+    """
+    b, t, dff = u.shape
+    w2, w1, b1 = ffn.w2, ffn.w1, ffn.b1
+    d = w2.shape[0]
+    r = rho(u, eps)
+    scale = (u > 0).to(w1.dtype) if r is None else (u > 0).to(w1.dtype) * r.squeeze(2).to(w1.dtype)
+    flat = scale.reshape(b * t, dff)
+    maps = torch.empty(b * t, d, d, dtype=w1.dtype, device=u.device)
+    blk = max(1, block_bytes // (d * dff * w1.element_size()))
+    for k in range(0, b * t, blk):
+        sk = flat[k:k + blk]
+        torch.bmm(w2.unsqueeze(0) * sk[:, None, :], w1.unsqueeze(0).expand(len(sk), -1, -1),
+                  out=maps[k:k + blk])
+    vecs = (flat * b1) @ w2.T
+    return maps.view(b, t, d, d), vecs.view(b, t, d)
+
+
+def ffn_back_tokenwise(g: Tensor, f: Tensor, maps: Tensor, vecs: Tensor, b2: Tensor,
+                       eps: float) -> tuple[Tensor, Tensor]:
+    """FFN backward with precomputed per-token maps (see :func:`ffn_token_maps`)."""
+    gs = stab(g, f, eps)
+    bias = bias_dot(gs, b2)
+    acc = torch.float64 if gs.dtype == torch.float64 else torch.float32
+    bias = bias + torch.einsum("btnd,btd->bn", gs.to(acc), vecs.to(acc))
+    return mm(gs, maps), bias
+
+
 def _heads(g: Tensor, nheads: int) -> Tensor:
     """[B,T,N,d] -> [B,H,T,N*dh]."""
     b, t, n, d = g.shape
