@@ -691,6 +691,38 @@ class _Scheduler:
         return out
 
 
+class _TextProgress:
+    """Progress as log lines (maps done/total, maps per second, ETA) for non-terminal output."""
+
+    def __init__(self, total: int, initial: int, log_fn: Callable[[str], None], every: float = 10.0) -> None:
+        self.total, self.n, self.log, self.every = total, initial, log_fn, every
+        self.start_n, self.t0 = initial, time.monotonic()
+        self.last = self.t0
+
+    def update(self, n: int) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= self.every or self.n >= self.total:
+            self.last = now
+            self.log(self.line(now))
+
+    def line(self, now: float) -> str:
+        rate = (self.n - self.start_n) / max(now - self.t0, 1e-9)
+        eta = (self.total - self.n) / rate if rate > 0 else float("nan")
+        eta_txt = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
+        return (f"progress: {self.n}/{self.total} maps ({100.0 * self.n / max(self.total, 1):.1f}%), "
+                f"{rate:.1f} maps/s, ETA {eta_txt}")
+
+    def clear(self) -> None:
+        pass
+
+    def refresh(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _actor_plan(spec: SweepSpec, local: bool) -> tuple[int, dict, str]:
     import ray
 
@@ -793,15 +825,16 @@ def execute(prep: Prepared, *, log_fn: Callable[[str], None] = print, progress: 
             log_fn(f"{run_desc}: {n_actors} actor(s) on {device}, {len(todo)} work items, "
                    f"{len(prep.plan.batches)} image batches")
             bar = None
-            show = sys.stderr.isatty() if progress is None else progress
-            if show:
+            show = True if progress is None else progress
+            if show and sys.stderr.isatty():
                 from tqdm import tqdm
 
                 bar = tqdm(total=total_maps, initial=maps_before, unit="maps", desc="relevance maps",
-                           file=sys.stderr, dynamic_ncols=True, smoothing=0.1,
-                           mininterval=0.5 if sys.stderr.isatty() else 10.0)
+                           file=sys.stderr, dynamic_ncols=True, smoothing=0.1, mininterval=0.5)
+            elif show:  # logs (ray job logs, files): a progress line every 10 s instead of a bar
+                bar = _TextProgress(total_maps, maps_before, log_fn)
             slog = log_fn
-            if bar is not None:
+            if bar is not None and not isinstance(bar, _TextProgress):
                 def slog(line: str, _bar=bar) -> None:
                     _bar.clear()
                     log_fn(line)

@@ -1,0 +1,81 @@
+"""End to end through the CLI in a subprocess (its own local Ray): rows, duplicates, values = the engine."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from .conftest import TINY_OVERRIDES, run_cli
+
+FEATURES = [0, 5, 17, 31]
+KEY = ["module", "layer", "image", "feature", "query"]
+
+
+def engine_rows(images, batch_size: int) -> pd.DataFrame:
+    """The same request computed by calling the engine directly (no Ray, no sweep code)."""
+    from lrp_ray.lrp import EngineConfig, LrpEngine
+    from lrp_ray.models import load_model, preprocess, read_image
+
+    model = load_model(None, None, TINY_OVERRIDES)
+    engine = LrpEngine(model, EngineConfig(device="cpu"))
+    names = sorted(p.relative_to(images).as_posix() for p in images.rglob("*") if p.is_file())
+    frames = []
+    for s in range(0, len(names), batch_size):
+        batch_names = names[s:s + batch_size]
+        cache = engine.forward(preprocess([read_image(images / n) for n in batch_names], model.cfg))
+        for module, queries in (("encoder", None), ("decoder", "top2")):
+            for layer in (0, 1):
+                res = engine.relevance(cache, module, layer, FEATURES, queries)
+                frames.append(res.to_frame(batch_names))
+    df = pd.concat(frames, ignore_index=True)
+    df["query"] = df["query"].fillna(-1).astype(int)
+    return df.sort_values(KEY).reset_index(drop=True)
+
+
+def test_cli_end_to_end_rows_and_values_equal_the_engine(tiny_images, tmp_path):
+    out = tmp_path / "out"
+    opts = sum((["--opt", o] for o in TINY_OVERRIDES), [])
+    args = ["--images", str(tiny_images), "--features", ",".join(map(str, FEATURES)), "--queries", "top2",
+            "--batch-size", "2", "--feature-chunk", "2", "--actors", "2", "--address", "local",
+            "--device", "cpu", "--out", str(out), *opts]
+    proc = run_cli(args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "encoder layer 0, features 0,5, batch 1/3 (2 images)" in proc.stdout
+    assert "progress:" in proc.stdout  # the progress line of non-terminal output
+    assert f"results: {out}" in proc.stdout
+    df = pd.read_parquet(out / "relevance")
+    df["module"] = df["module"].astype(str)
+    df["layer"] = df["layer"].astype(int)
+    df["query"] = df["query"].fillna(-1).astype(int)
+    df = df.sort_values(KEY).reset_index(drop=True)
+    n_targets = 2 * len(FEATURES) + 2 * len(FEATURES) * 2  # encoder + decoder (top2) over 2 layers each
+    assert len(df) == 5 * n_targets
+    assert not df.duplicated(KEY).any()
+    want = engine_rows(tiny_images, 2)
+    assert len(want) == len(df)
+    pd.testing.assert_frame_equal(df[KEY], want[KEY], check_dtype=False)
+    # fp32 sums in other thread counts / target chunks: equal up to rounding, relative to each column's scale
+    for col in ("act_sum", "act_max", "act_mean", "relevance_total", "input_relevance", "bias_relevance"):
+        np.testing.assert_allclose(df[col], want[col], rtol=1e-4, atol=1e-5 * np.abs(want[col]).max())
+    for col in ("token_map", "channel_relevance", "profile"):
+        scale = max(np.abs(v).max() for v in want[col])
+        for a, b in zip(df[col], want[col]):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["forward_passes"] == m["counts"]["batches"] == 3
+    assert m["status"] == "complete"
+
+
+@pytest.mark.slow
+def test_no_arguments_runs_the_bundled_demo(tmp_path):
+    proc = run_cli([], cwd=tmp_path, timeout=400, env={"RAY_ADDRESS": ""})
+    assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "lrp_out"
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "complete" and m["counts"]["images_ok"] >= 1
+    df = pd.read_parquet(out / "relevance", columns=["image", "feature"])
+    assert len(df) == m["counts"]["maps_total"] > 0
+    assert (out / "summary.csv").is_file() and (out / "errors.csv").is_file()
