@@ -1,0 +1,410 @@
+"""A static, self-contained HTML report of a sweep results folder.
+
+Everything is inline: CSS in a ``<style>`` block, every picture a base64 PNG ``data:`` URI; the page loads
+no script, font or stylesheet from anywhere. Sections:
+
+- run metadata (``manifest.json``) and the per-(module, layer) totals of ``summary.csv``;
+- per (module, layer): the feature x input-channel relevance matrix (mean ``channel_relevance`` over the
+  layer's rows) and the conservation profile (mean ``profile`` over the rows, as a fraction of the
+  target relevance, one point per propagation stage, named by the manifest);
+- per feature: its top images by activation and by relevance with heatmap overlays.
+
+Only scalar columns of the whole dataset are read; token maps are read for the chosen rows only and the
+per-layer vectors are averaged file by file, so a large sweep costs memory for its scalars only.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import datetime as _dt
+import html
+import io
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lrp_ray.viz.heatmaps import (
+    CMAP,
+    TopRow,
+    _partition_keys,
+    _read_rgb,
+    render_overlay,
+    row_title,
+    select_top_rows,  # noqa: E402
+)
+
+__all__ = ["build_report", "ReportError"]
+
+DPI = 100
+
+
+class ReportError(RuntimeError):
+    """A results folder the report cannot be built from."""
+
+
+# -------------------------------------------------------------------------------------------- reading
+def _read_manifest(out: Path) -> dict[str, Any]:
+    p = out / "manifest.json"
+    if not p.is_file():
+        return {}
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return {"_error": f"manifest.json unreadable: {exc}"}
+    return data if isinstance(data, dict) else {"manifest": data}
+
+
+def _read_csv(p: Path, limit: int = 10_000) -> tuple[list[str], list[list[str]], int]:
+    if not p.is_file():
+        return [], [], 0
+    with p.open(newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return [], [], 0
+    return rows[0], rows[1:limit + 1], len(rows) - 1
+
+
+def _find_key(obj: Any, key: str) -> Any:
+    """First value of ``key`` anywhere in a nested dict/list structure."""
+    if isinstance(obj, dict):
+        if key in obj:
+            return obj[key]
+        for v in obj.values():
+            r = _find_key(v, key)
+            if r is not None:
+                return r
+    elif isinstance(obj, list):
+        for v in obj:
+            r = _find_key(v, key)
+            if r is not None:
+                return r
+    return None
+
+
+@dataclass
+class LayerStats:
+    module: str
+    layer: int
+    rows: int = 0
+    images: set = field(default_factory=set)
+    # feature -> (sum of channel_relevance vectors, count)
+    channel_sum: dict[int, np.ndarray] = field(default_factory=dict)
+    channel_n: dict[int, int] = field(default_factory=dict)
+    profile_sum: np.ndarray | None = None
+    profile_frac_sum: np.ndarray | None = None
+    profile_n: int = 0
+    target_sum: float = 0.0
+    input_sum: float = 0.0
+    feature_act: dict[int, float] = field(default_factory=dict)
+    feature_rel: dict[int, float] = field(default_factory=dict)
+    feature_n: dict[int, int] = field(default_factory=dict)
+
+
+def _scan(rel_dir: Path) -> dict[tuple[str, int], LayerStats]:
+    """One pass over the dataset, file by file: per-layer means of the vector columns."""
+    import pyarrow.parquet as pq
+
+    stats: dict[tuple[str, int], LayerStats] = {}
+    files = sorted(p for p in rel_dir.rglob("*.parquet") if not p.name.startswith((".", "_")))
+    for f in files:
+        keys = _partition_keys(str(f.relative_to(rel_dir)))
+        names = pq.read_schema(f).names
+        cols = [c for c in ("image", "feature", "act_sum", "relevance_total", "input_relevance",
+                            "channel_relevance", "profile", "module", "layer") if c in names]
+        t = pq.read_table(f, columns=cols)
+        n = t.num_rows
+        if n == 0:
+            continue
+        module = str(t.column("module")[0].as_py()) if "module" in names else keys.get("module", "?")
+        layer = int(t.column("layer")[0].as_py()) if "layer" in names else int(keys.get("layer", -1))
+        st = stats.setdefault((module, layer), LayerStats(module, layer))
+        st.rows += n
+        st.images.update(t.column("image").to_pylist() if "image" in cols else [])
+        feats = np.asarray(t.column("feature").to_pylist(), dtype=np.int64)
+        act = np.asarray(t.column("act_sum").to_pylist(), dtype=np.float64) if "act_sum" in cols else None
+        tgt = np.asarray(t.column("relevance_total").to_pylist(), dtype=np.float64) \
+            if "relevance_total" in cols else None
+        inp = np.asarray(t.column("input_relevance").to_pylist(), dtype=np.float64) \
+            if "input_relevance" in cols else None
+        if tgt is not None:
+            st.target_sum += float(np.nansum(tgt))
+        if inp is not None:
+            st.input_sum += float(np.nansum(inp))
+        for fe in np.unique(feats):
+            sel = feats == fe
+            st.feature_n[int(fe)] = st.feature_n.get(int(fe), 0) + int(sel.sum())
+            if act is not None:
+                st.feature_act[int(fe)] = st.feature_act.get(int(fe), 0.0) + float(np.nansum(act[sel]))
+            if tgt is not None:
+                rel = float(np.nansum(np.abs(tgt[sel])))
+                st.feature_rel[int(fe)] = st.feature_rel.get(int(fe), 0.0) + rel
+        if "channel_relevance" in cols:
+            ch = t.column("channel_relevance").combine_chunks()
+            flat = np.asarray(ch.flatten().to_numpy(zero_copy_only=False), dtype=np.float64)
+            d = len(flat) // n if n else 0
+            if d and d * n == len(flat):
+                mat = flat.reshape(n, d)
+                for fe in np.unique(feats):
+                    sel = feats == fe
+                    s = np.nansum(mat[sel], axis=0)
+                    st.channel_sum[int(fe)] = st.channel_sum.get(int(fe), 0) + s
+                    st.channel_n[int(fe)] = st.channel_n.get(int(fe), 0) + int(sel.sum())
+        if "profile" in cols:
+            pr = t.column("profile").combine_chunks()
+            flat = np.asarray(pr.flatten().to_numpy(zero_copy_only=False), dtype=np.float64)
+            p = len(flat) // n if n else 0
+            if p and p * n == len(flat):
+                mat = flat.reshape(n, p)
+                if st.profile_sum is None or st.profile_sum.shape[0] != p:
+                    st.profile_sum = np.zeros(p)
+                    st.profile_frac_sum = np.zeros(p)
+                    st.profile_n = 0
+                st.profile_sum += np.nansum(mat, axis=0)
+                if tgt is not None:
+                    denom = np.where(np.abs(tgt) > 1e-12, tgt, np.nan)[:, None]
+                    frac = mat / denom
+                    st.profile_frac_sum += np.nansum(np.where(np.isfinite(frac), frac, 0.0), axis=0)
+                st.profile_n += n
+    return stats
+
+
+# ------------------------------------------------------------------------------------------- pictures
+def _png_uri(fig) -> str:
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=DPI)
+    finally:
+        plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _bytes_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _matrix_figure(st: LayerStats, features: Sequence[int]) -> Any:
+    mat = np.stack([st.channel_sum[f] / max(st.channel_n[f], 1) for f in features])
+    lim = float(np.nanmax(np.abs(mat))) if mat.size else 1.0
+    lim = lim if lim > 0 and math.isfinite(lim) else 1.0
+    nf, d = mat.shape
+    w_in = min(11.0, max(5.0, 2.0 + d * 0.03))
+    h_in = min(9.0, max(2.4, 1.3 + nf * 0.16))
+    fig, ax = plt.subplots(figsize=(w_in, h_in), dpi=DPI, layout="constrained")
+    im = ax.imshow(mat, cmap=CMAP, vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
+    ax.set_xlabel("input channel (encoder input, after input_proj)")
+    ax.set_ylabel("feature")
+    if nf <= 40:
+        ax.set_yticks(range(nf), [str(f) for f in features], fontsize=7)
+    ax.set_title(f"{st.module} layer {st.layer}: mean channel relevance (feature x input channel)",
+                 fontsize=9)
+    fig.colorbar(im, ax=ax, shrink=0.9)
+    return fig
+
+
+def _profile_figure(st: LayerStats, names: Sequence[str] | None) -> Any:
+    assert st.profile_sum is not None
+    p = len(st.profile_sum)
+    frac = st.profile_frac_sum / max(st.profile_n, 1)
+    mean = st.profile_sum / max(st.profile_n, 1)
+    labels = list(names) if names is not None and len(names) == p else [str(i) for i in range(p)]
+    fig, ax = plt.subplots(figsize=(min(11.0, 3.0 + 0.35 * p), 3.0), dpi=DPI, layout="constrained")
+    ax.plot(range(p), frac, marker="o", lw=1.5, label="mean of relevance / target relevance")
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_xticks(range(p), labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("fraction of target")
+    ax.set_title(f"{st.module} layer {st.layer}: conservation profile "
+                 f"(mean absolute value at the last stage {mean[-1]:.3g})", fontsize=9)
+    ax.legend(fontsize=7, loc="best")
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------ HTML
+CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:1.5em auto;max-width:1200px;
+color:#222;padding:0 1em}
+h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+h3{margin-bottom:.3em}h4{margin:.8em 0 .3em}
+table{border-collapse:collapse;font-size:.85em;margin:.4em 0}
+td,th{border:1px solid #ccc;padding:.2em .5em;text-align:left;vertical-align:top}
+th{background:#f3f3f3}
+img{max-width:100%;height:auto}
+.grid{display:flex;flex-wrap:wrap;gap:8px}
+.grid figure{margin:0;width:300px}
+.grid figcaption{font-size:.75em;color:#555;word-break:break-all}
+.muted{color:#777;font-size:.85em}
+nav a{margin-right:.8em}
+pre{background:#f7f7f7;padding:.6em;overflow:auto;font-size:.8em;max-height:24em}
+details summary{cursor:pointer}
+"""
+
+
+def _esc(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _kv_table(items: Iterable[tuple[str, Any]]) -> str:
+    rows = []
+    for k, v in items:
+        if isinstance(v, (dict, list)):
+            v = json.dumps(v, default=str)
+            if len(v) > 300:
+                v = v[:300] + " ..."
+        rows.append(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>")
+    return "<table>" + "".join(rows) + "</table>"
+
+
+def _csv_table(header: list[str], rows: list[list[str]], total: int) -> str:
+    if not header:
+        return ""
+    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in r) + "</tr>" for r in rows)
+    more = f'<p class="muted">{total - len(rows)} more rows not shown</p>' if total > len(rows) else ""
+    return f"<table><tr>{head}</tr>{body}</table>{more}"
+
+
+def _anchor(module: str, layer: int, feature: int | None = None) -> str:
+    return f"{module}-L{layer}" + ("" if feature is None else f"-F{feature}")
+
+
+def _pick_features(st: LayerStats, max_features: int | None) -> list[int]:
+    feats = sorted(st.feature_n)
+    if max_features is None or len(feats) <= max_features:
+        return feats
+    # The features with the largest mean |relevance at the target| (ties by id).
+    score = {f: st.feature_rel.get(f, 0.0) / max(st.feature_n[f], 1) for f in feats}
+    return sorted(sorted(feats, key=lambda f: (-score[f], f))[:max_features])
+
+
+def build_report(out_dir: str | Path, html_path: str | Path | None = None, top: int = 3,
+                 images_root: str | Path | None = None, max_features: int | None = 24,
+                 thumb_px: int = 300) -> Path:
+    """Build ``out_dir/report.html`` (or ``html_path``) from a sweep results folder; returns its path.
+
+    ``top``: images per feature and ranking (activation, relevance). ``images_root``: the folder image
+    paths are relative to (default: the manifest's images root, else ``out_dir``). ``max_features``:
+    features shown per layer with images (those with the largest mean |target relevance|; ``None``: all);
+    the relevance matrix always shows every feature.
+    """
+    out = Path(out_dir)
+    rel_dir = out / "relevance"
+    if not out.is_dir():
+        raise ReportError(f"results folder not found: {out}")
+    if not rel_dir.is_dir():
+        raise ReportError(f"no relevance dataset in {out} (expected {rel_dir}/)")
+    html_path = Path(html_path) if html_path is not None else out / "report.html"
+    manifest = _read_manifest(out)
+    root = Path(images_root) if images_root is not None else _images_root(manifest, out)
+    profile_names = _find_key(manifest, "profile_names")
+    stats = _scan(rel_dir)
+    if not stats:
+        raise ReportError(f"the relevance dataset in {rel_dir} has no rows")
+    chosen = {k: _pick_features(st, max_features) for k, st in stats.items()}
+    top_rows = select_top_rows(rel_dir, top) if top > 0 else []
+    by_feature: dict[tuple[str, int, int], list[TopRow]] = {}
+    for r in top_rows:
+        if r.feature in chosen.get((r.module, r.layer), ()):
+            by_feature.setdefault((r.module, r.layer, r.feature), []).append(r)
+
+    parts: list[str] = []
+    title = f"lrp_ray report: {out.resolve().name}"
+    parts.append(f"<h1>{_esc(title)}</h1>")
+    parts.append(f'<p class="muted">Generated {_esc(_dt.datetime.now().isoformat(timespec="seconds"))} from '
+                 f"{_esc(out.resolve())}. Red = positive relevance, blue = negative, white = 0.</p>")
+    nav = " ".join(f'<a href="#{_anchor(m, lay)}">{_esc(m)} L{lay}</a>' for (m, lay) in sorted(stats))
+    parts.append(f"<nav>{nav}</nav>")
+
+    # Run metadata.
+    parts.append("<h2 id=\"run\">Run</h2>")
+    if manifest:
+        flat = [(k, v) for k, v in manifest.items() if not isinstance(v, (dict, list)) or len(json.dumps(
+            v, default=str)) <= 300]
+        parts.append(_kv_table(flat))
+        parts.append("<details><summary>manifest.json</summary><pre>"
+                     + _esc(json.dumps(manifest, indent=2, default=str)) + "</pre></details>")
+    else:
+        parts.append('<p class="muted">no manifest.json</p>')
+    header, rows, total = _read_csv(out / "summary.csv", limit=200)
+    if header:
+        parts.append("<h3>summary.csv</h3>" + _csv_table(header, rows, total))
+    eh, er, et = _read_csv(out / "errors.csv", limit=50)
+    if et:
+        parts.append(f"<h3>errors.csv ({et} errors)</h3>" + _csv_table(eh, er, et))
+    layer_rows = [(f"{m} layer {lay}",
+                   f"{st.rows} rows, {len(st.images)} images, {len(st.feature_n)} features, "
+                   f"target relevance {st.target_sum:.4g}, input relevance {st.input_sum:.4g}")
+                  for (m, lay), st in sorted(stats.items())]
+    parts.append("<h3>Layers</h3>" + _kv_table(layer_rows))
+
+    image_cache: dict[str, np.ndarray | None] = {}
+    n_missing = 0
+    for key in sorted(stats):
+        st = stats[key]
+        module, layer = key
+        parts.append(f'<h2 id="{_anchor(module, layer)}">{_esc(module)} layer {layer}</h2>')
+        feats_all = sorted(st.channel_sum)
+        if feats_all:
+            parts.append("<h3>Feature x input-channel relevance</h3>")
+            parts.append(f'<img alt="{_esc(module)} layer {layer} relevance matrix" src="'
+                         f'{_png_uri(_matrix_figure(st, feats_all))}">')
+        if st.profile_sum is not None:
+            names = profile_names
+            if isinstance(profile_names, dict):
+                names = profile_names.get(f"{module}/{layer}") or profile_names.get(module)
+            parts.append("<h3>Conservation profile</h3>")
+            parts.append(f'<img alt="{_esc(module)} layer {layer} conservation profile" src="'
+                         f'{_png_uri(_profile_figure(st, names))}">')
+        feats = chosen[key]
+        if len(feats) < len(st.feature_n):
+            parts.append(f'<p class="muted">Top images for {len(feats)} of {len(st.feature_n)} features '
+                         "(largest mean |target relevance|).</p>")
+        for fe in feats:
+            rows_f = by_feature.get((module, layer, fe), [])
+            if not rows_f:
+                continue
+            mean_act = st.feature_act.get(fe, 0.0) / max(st.feature_n.get(fe, 1), 1)
+            parts.append(f'<h4 id="{_anchor(module, layer, fe)}">feature {fe} '
+                         f'<span class="muted">mean activation {mean_act:.4g}</span></h4><div class="grid">')
+            for r in sorted(rows_f, key=lambda r: (r.kind, r.rank)):
+                if r.image not in image_cache:
+                    image_cache[r.image] = _read_rgb(root / r.image)
+                img = image_cache[r.image]
+                if img is None:
+                    n_missing += 1
+                    img = np.full((r.image_hw[0], r.image_hw[1], 3), 200, dtype=np.uint8)
+                png = render_overlay(img, r.token_map, row_title(r).split("\n")[0].split(" | ")[1],
+                                     width_px=thumb_px)
+                q = "" if r.query is None else f", query {r.query}"
+                parts.append(f'<figure><img alt="{_esc(r.image)}" src="{_bytes_uri(png)}">'
+                             f"<figcaption>{_esc(r.image)}{_esc(q)}</figcaption></figure>")
+            parts.append("</div>")
+    if n_missing:
+        parts.insert(3, f'<p class="muted">{n_missing} overlays drawn on a blank canvas: image files not '
+                        f"found "
+                        f"under {_esc(root)}.</p>")
+    doc = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+           "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+           f"<title>{_esc(title)}</title>"
+           f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+    html_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = html_path.with_name(html_path.name + ".tmp")
+    tmp.write_text(doc, encoding="utf-8")
+    tmp.replace(html_path)
+    return html_path
+
+
+def _images_root(manifest: dict[str, Any], out: Path) -> Path:
+    for key in ("images_root", "images", "image_root", "input"):
+        v = _find_key(manifest, key)
+        if isinstance(v, str) and Path(v).is_dir():
+            return Path(v)
+    return out

@@ -1,0 +1,348 @@
+"""Relevance heatmaps: token relevance maps overlaid on their images (PNG, matplotlib Agg).
+
+- :func:`overlay_png` draws one overlay: the image, the token map upsampled to the image (bilinear), a
+  diverging colormap centred at zero with symmetric limits, a colour bar and a title.
+- :func:`write_top_heatmaps` writes, for every (module, layer, feature) of a results folder, the overlays
+  of the top-N images by activation and by relevance -- at most ``2 * top_n`` PNGs per feature, never one
+  per map.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # noqa: E402  (headless; must precede pyplot)
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.cm import ScalarMappable  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+__all__ = ["overlay_png", "overlay_figure", "render_overlay", "write_top_heatmaps", "select_top_rows",
+           "heatmap_name", "token_extent", "TopRow", "CMAP"]
+
+CMAP = "RdBu_r"
+DEFAULT_WIDTH_PX = 560
+DPI = 100
+
+
+def token_extent(image_hw: tuple[int, int], grid_hw: tuple[int, int],
+                 input_hw: tuple[int, int] | None = None, stride: int | None = None) -> tuple[float, float]:
+    """Height and width, in original-image pixels, covered by the token grid.
+
+    The backbone's grid is ``ceil(input / stride)`` tokens, so its last row/column can reach past the
+    image; with the resized input size and the stride known that overhang is kept exact (and cropped by
+    the caller), otherwise the grid is stretched over the image.
+    """
+    h, w = image_hw
+    gh, gw = grid_hw
+    if input_hw is None or stride is None:
+        return float(h), float(w)
+    ih, iw = input_hw
+    return gh * stride * h / ih, gw * stride * w / iw
+
+
+def _as_map(token_map, grid_hw: tuple[int, int] | None) -> np.ndarray:
+    m = np.asarray(token_map, dtype=np.float64)
+    if m.ndim == 1:
+        if grid_hw is None:
+            raise ValueError("a flat token map needs grid_hw")
+        m = m.reshape(grid_hw)
+    if m.ndim != 2:
+        raise ValueError(f"token map must be [h, w], got shape {m.shape}")
+    return np.nan_to_num(m, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _layout(image_hw: tuple[int, int], width_px: int) -> tuple[float, float, list[float], list[float]]:
+    """Figure size (inches) and axes rectangles (image, colour bar), for a fixed pixel width."""
+    h, w = image_hw
+    fig_w = width_px / DPI
+    img_w_frac, cbar_gap, cbar_w = 0.78, 0.03, 0.035
+    left = 0.03
+    title_in, bottom_in = 0.55, 0.12
+    img_w_in = fig_w * img_w_frac
+    img_h_in = img_w_in * h / max(w, 1)
+    img_h_in = min(img_h_in, 2.2 * img_w_in)
+    fig_h = img_h_in + title_in + bottom_in
+    ax_rect = [left, bottom_in / fig_h, img_w_frac, img_h_in / fig_h]
+    cb_rect = [left + img_w_frac + cbar_gap, bottom_in / fig_h, cbar_w, img_h_in / fig_h]
+    return fig_w, fig_h, ax_rect, cb_rect
+
+
+def overlay_figure(image_rgb: np.ndarray, token_map, title: str = "", *,
+                   grid_hw: tuple[int, int] | None = None,
+                   input_hw: tuple[int, int] | None = None, stride: int | None = None, alpha: float = 0.6,
+                   width_px: int = DEFAULT_WIDTH_PX, cmap: str = CMAP, boxes: Sequence[Sequence[float]] = ()):
+    """A matplotlib Figure with the overlay (caller closes it). See :func:`overlay_png`."""
+    img = np.asarray(image_rgb)
+    if img.ndim == 2:
+        img = np.repeat(img[:, :, None], 3, axis=2)
+    if img.ndim != 3 or img.shape[2] not in (3, 4):
+        raise ValueError(f"image must be HxWx3 RGB, got shape {img.shape}")
+    h, w = img.shape[:2]
+    m = _as_map(token_map, grid_hw)
+    ext_h, ext_w = token_extent((h, w), m.shape, input_hw, stride)
+    lim = float(np.max(np.abs(m))) if m.size else 0.0
+    lim = lim if lim > 0 and math.isfinite(lim) else 1.0
+    fig_w, fig_h, ax_rect, cb_rect = _layout((h, w), width_px)
+    fig = plt.figure(figsize=(fig_w, fig_h), dpi=DPI)
+    ax = fig.add_axes(ax_rect)
+    ax.imshow(img, extent=(0, w, h, 0), interpolation="bilinear")
+    # Gray the image slightly so that the colours of the map dominate.
+    ax.imshow(np.full((1, 1, 3), 0.5), extent=(0, w, h, 0), alpha=0.25)
+    ax.imshow(m, cmap=cmap, vmin=-lim, vmax=lim, alpha=alpha, interpolation="bilinear",
+                   extent=(0, ext_w, ext_h, 0))
+    for b in boxes:
+        x0, y0, x1, y1 = (float(v) for v in b[:4])
+        ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.5, ec="black", ls="--"))
+    ax.set_xlim(0, w)
+    ax.set_ylim(h, 0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    cax = fig.add_axes(cb_rect)
+    # Colour bar from an opaque mappable: the scale shows the colormap itself, not the blend.
+    cb = fig.colorbar(ScalarMappable(norm=Normalize(vmin=-lim, vmax=lim), cmap=cmap), cax=cax)
+    cb.ax.tick_params(labelsize=7)
+    cb.formatter.set_powerlimits((-2, 3))
+    cb.update_ticks()
+    fig.text(0.03, 1 - 0.08 / fig_h, title, ha="left", va="top", fontsize=9, wrap=True)
+    return fig
+
+
+def render_overlay(image_rgb: np.ndarray, token_map, title: str = "", **kw) -> bytes:
+    """PNG bytes of :func:`overlay_figure`."""
+    fig = overlay_figure(image_rgb, token_map, title, **kw)
+    try:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=DPI)
+        return buf.getvalue()
+    finally:
+        plt.close(fig)
+
+
+def overlay_png(image_rgb: np.ndarray, token_map, path: str | Path, title: str = "", **kw) -> Path:
+    """Write one heatmap overlay PNG and return its path.
+
+    ``image_rgb``: the original image, uint8 ``[H, W, 3]``. ``token_map``: the token relevance map
+    ``[grid_h, grid_w]`` (or flat with ``grid_hw=``), upsampled bilinearly over the image. The colormap is
+    diverging (``RdBu_r``: red positive, blue negative) with symmetric limits ``+-max|map|`` so that white
+    is exactly zero; a colour bar shows the scale and ``title`` goes on top. Optional keywords:
+    ``input_hw``/``stride`` (exact token footprint), ``alpha``, ``width_px`` (PNG width, default 560),
+    ``boxes`` (xyxy boxes drawn dashed).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = render_overlay(image_rgb, token_map, title, **kw)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------- results folder
+_SCALAR_COLUMNS = ("image", "image_h", "image_w", "feature", "query", "act_sum", "act_max",
+                   "relevance_total", "input_relevance", "grid_h", "grid_w")
+RANKINGS = {"act": "act_sum", "rel": "relevance_total"}
+
+
+@dataclass
+class TopRow:
+    module: str
+    layer: int
+    feature: int
+    kind: str          # "act" | "rel"
+    rank: int          # 1-based
+    score: float
+    image: str
+    query: int | None
+    image_hw: tuple[int, int]
+    grid_hw: tuple[int, int]
+    token_map: np.ndarray | None = None
+    fragment: int = -1
+    row: int = -1
+
+
+def heatmap_name(module: str, layer: int, feature: int, kind: str, rank: int) -> str:
+    return f"{module}_L{int(layer)}_F{int(feature)}_{kind}_{int(rank)}.png"
+
+
+def _safe(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", s)
+
+
+def _partition_keys(rel_path: str) -> dict[str, str]:
+    """Hive partition values (``module=encoder/layer=5/...``) of a dataset file path."""
+    keys: dict[str, str] = {}
+    for part in Path(rel_path).parts[:-1]:
+        if "=" in part:
+            k, v = part.split("=", 1)
+            keys.setdefault(k, v)
+    return keys
+
+
+def select_top_rows(relevance_dir: str | Path, top_n: int = 3, *, modules: Sequence[str] | None = None,
+                    rankings: dict[str, str] | None = None, load_maps: bool = True,
+                    max_features: int | None = None) -> list[TopRow]:
+    """Top-``top_n`` rows (distinct images) per (module, layer, feature) and ranking of a relevance dataset.
+
+    Reads only the scalar columns of every row, then the ``token_map`` of the chosen rows only, so a sweep
+    of any size costs memory for its scalars, not its maps. ``rankings`` maps a kind to the column it
+    ranks by (default ``{"act": "act_sum", "rel": "relevance_total"}``); rows are ordered by descending
+    score. ``max_features`` keeps only the first features (ascending id) of each (module, layer).
+    """
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    rankings = dict(rankings or RANKINGS)
+    root = Path(relevance_dir)
+    files = sorted(p for p in root.rglob("*.parquet") if not p.name.startswith((".", "_")))
+    frames = []
+    for fi, f in enumerate(files):
+        keys = _partition_keys(str(f.relative_to(root)))
+        schema = pq.read_schema(f)
+        cols = [c for c in _SCALAR_COLUMNS if c in schema.names]
+        cols += [c for c in ("module", "layer") if c in schema.names and c not in cols]
+        t = pq.read_table(f, columns=cols)
+        df = t.to_pandas()
+        if "module" not in df:
+            df["module"] = keys.get("module", "?")
+        if "layer" not in df:
+            df["layer"] = int(keys.get("layer", -1))
+        df["frag_id"] = fi
+        df["row_id"] = np.arange(len(df))
+        frames.append(df)
+    if not frames:
+        return []
+    df = pd.concat(frames, ignore_index=True)
+    df["module"] = df["module"].astype(str)
+    df["layer"] = df["layer"].astype(int)
+    if modules:
+        df = df[df["module"].isin(list(modules))]
+    out: list[TopRow] = []
+    for (module, layer), g in df.groupby(["module", "layer"], sort=True):
+        feats = sorted(g["feature"].unique())
+        if max_features is not None:
+            feats = feats[:max_features]
+            g = g[g["feature"].isin(feats)]
+        for kind, col in rankings.items():
+            if col not in g:
+                continue
+            s = g[np.isfinite(g[col].astype(float))].sort_values([col, "image"], ascending=[False, True],
+                                                                  kind="stable")
+            s = s.drop_duplicates(["feature", "image"], keep="first")
+            s = s.groupby("feature", sort=True).head(top_n)
+            for feature, gf in s.groupby("feature", sort=True):
+                for rank, r in enumerate(gf.itertuples(index=False), start=1):
+                    q = getattr(r, "query", None)
+                    missing = q is None or q is pd.NA or (isinstance(q, float) and math.isnan(q))
+                    q = None if missing else int(q)
+                    out.append(TopRow(module=str(module), layer=int(layer), feature=int(feature), kind=kind,
+                                      rank=rank, score=float(getattr(r, col)), image=str(r.image), query=q,
+                                      image_hw=(int(r.image_h), int(r.image_w)),
+                                      grid_hw=(int(r.grid_h), int(r.grid_w)), fragment=int(r.frag_id),
+                                      row=int(r.row_id)))
+    if load_maps:
+        _load_maps(files, out)
+    return out
+
+
+def _load_maps(files: Sequence[Path], rows: list[TopRow]) -> None:
+    import pyarrow.parquet as pq
+
+    by_frag: dict[int, list[TopRow]] = {}
+    for r in rows:
+        by_frag.setdefault(r.fragment, []).append(r)
+    for fi, rs in by_frag.items():
+        pf = pq.ParquetFile(files[fi])
+        wanted = sorted({r.row for r in rs})
+        # Read row groups that hold wanted rows only.
+        starts = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
+        maps: dict[int, np.ndarray] = {}
+        for gi in range(pf.num_row_groups):
+            lo, hi = starts[gi], starts[gi + 1]
+            inside = [w for w in wanted if lo <= w < hi]
+            if not inside:
+                continue
+            col = pf.read_row_group(gi, columns=["token_map"]).column("token_map")
+            for w in inside:
+                maps[w] = np.asarray(col[int(w - lo)].as_py(), dtype=np.float32)
+        for r in rs:
+            r.token_map = maps[r.row].reshape(r.grid_hw)
+
+
+def _read_rgb(path: Path) -> np.ndarray | None:
+    try:
+        from lrp_ray.models import read_image
+
+        return read_image(path)
+    except Exception:  # noqa: BLE001
+        try:
+            from PIL import Image, ImageOps
+
+            with Image.open(path) as im:
+                return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        except Exception:  # noqa: BLE001
+            return None
+
+
+def row_title(r: TopRow) -> str:
+    q = "" if r.query is None else f" query {r.query}"
+    label = {"act": "activation", "rel": "relevance"}.get(r.kind, r.kind)
+    return (f"{r.module} layer {r.layer} feature {r.feature}{q} | top {r.rank} by {label}: "
+            f"{r.score:.4g}\n{r.image}")
+
+
+def write_top_heatmaps(out_dir: str | Path, images_root: str | Path, top_n: int = 3, *,
+                       modules: Sequence[str] | None = None, max_features: int | None = None,
+                       width_px: int = DEFAULT_WIDTH_PX, input_size: tuple[int, int] | None = None,
+                       stride: int | None = None) -> list[Path]:
+    """Write heatmap overlays of the top images of every (module, layer, feature) of a sweep.
+
+    ``out_dir`` is a sweep results folder (``out_dir/relevance`` is the Parquet dataset); ``images_root``
+    is the folder the ``image`` column is relative to. For each (module, layer, feature), the ``top_n``
+    distinct images with the largest ``act_sum`` ("act") and the largest ``relevance_total`` ("rel") get
+    ``out_dir/heatmaps/{module}_L{layer}_F{feature}_{act|rel}_{rank}.png`` (rank 1 = highest): the image
+    with the upsampled token relevance map (diverging colormap centred at zero, colour bar) and a title
+    with module, layer, feature, query, rank and score. So at most ``2 * top_n`` files per feature,
+    whatever the number of images. ``input_size=(min_size_test, max_size_test)`` with ``stride`` places
+    the tokens exactly (else the grid is stretched over the image). Images that cannot be read are
+    skipped with a warning. Returns the written paths.
+    """
+    out_dir = Path(out_dir)
+    rel_dir = out_dir / "relevance"
+    if not rel_dir.is_dir():
+        raise FileNotFoundError(f"no relevance dataset at {rel_dir}")
+    if top_n < 1:
+        return []
+    rows = select_top_rows(rel_dir, top_n, modules=modules, max_features=max_features)
+    dest = out_dir / "heatmaps"
+    dest.mkdir(parents=True, exist_ok=True)
+    cache: dict[str, np.ndarray | None] = {}
+    written: list[Path] = []
+    for r in rows:
+        if r.image not in cache:
+            if len(cache) > 64:
+                cache.clear()
+            cache[r.image] = _read_rgb(Path(images_root) / r.image)
+        img = cache[r.image]
+        if img is None:
+            log.warning("heatmaps: cannot read image %s; skipped", r.image)
+            continue
+        input_hw = None
+        if input_size is not None and stride:
+            from lrp_ray.models.preprocess import resize_shape
+
+            input_hw = resize_shape(img.shape[0], img.shape[1], int(input_size[0]), int(input_size[1]))
+        path = dest / _safe(heatmap_name(r.module, r.layer, r.feature, r.kind, r.rank))
+        overlay_png(img, r.token_map, path, row_title(r), input_hw=input_hw, stride=stride, width_px=width_px)
+        written.append(path)
+    return written

@@ -1,0 +1,112 @@
+"""The HTML report: self-contained, and it renders in headless Chromium with no broken image."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lrp_ray.report import ReportError, build_report
+from lrp_ray.report.__main__ import main as report_main
+from tests.test_viz_heatmaps import write_fake_results
+
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser") if shutil.which(n)), None)
+
+MARKER_SCRIPT = """
+<script>
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var bad = imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); });
+  var m = document.createElement('div');
+  m.id = 'render-check';
+  m.textContent = 'IMAGES=' + imgs.length + ' BROKEN=' + bad.length + ' W=' +
+    imgs.map(function (i) { return i.naturalWidth; }).join(',');
+  document.body.appendChild(m);
+});
+</script>
+"""
+
+
+def _build(tmp_path: Path, **kw) -> Path:
+    out = tmp_path / "OUT"
+    write_fake_results(out, n_images=5, features=(0, 3, 7))
+    return build_report(out, **kw)
+
+
+def test_report_is_self_contained(tmp_path):
+    path = _build(tmp_path, top=2)
+    assert path == tmp_path / "OUT" / "report.html"
+    text = path.read_text()
+    srcs = re.findall(r'src="([^"]*)"', text)
+    hrefs = re.findall(r'href="([^"]*)"', text)
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert all(h.startswith("#") for h in hrefs)
+    assert "<script" not in text and "<link" not in text and "@import" not in text
+    # 2 layers: matrix + profile each; 3 features x top 2 x (act, rel) overlays each.
+    assert len(srcs) == 2 * 2 + 2 * 3 * 2 * 2
+    for needed in ("encoder layer 1", "decoder layer 2", "Conservation profile", "Feature x input-channel",
+                   "manifest.json", "summary.csv", "decoder.2.cross_attn"):
+        assert needed in text
+
+
+def test_report_cli(tmp_path, capsys):
+    out = tmp_path / "OUT"
+    write_fake_results(out, n_images=3, features=(1,))
+    dest = tmp_path / "r" / "x.html"
+    assert report_main([str(out), "--out", str(dest), "--top", "1"]) == 0
+    assert dest.is_file() and "report written to" in capsys.readouterr().out
+    assert report_main([str(tmp_path / "missing")]) == 2
+
+
+def test_report_errors(tmp_path):
+    with pytest.raises(ReportError):
+        build_report(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReportError):
+        build_report(tmp_path / "empty")
+
+
+def test_report_module_entrypoint(tmp_path):
+    out = tmp_path / "OUT"
+    write_fake_results(out, n_images=2, features=(0,), layers=(("encoder", 0),))
+    r = subprocess.run([sys.executable, "-m", "lrp_ray.report", str(out), "--top", "1"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (out / "report.html").is_file()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed")
+def test_report_renders_in_headless_chromium(tmp_path):
+    path = _build(tmp_path, top=2)
+    # Same page plus a checker script (the report itself has none).
+    page = tmp_path / "check.html"
+    page.write_text(path.read_text().replace("</body>", MARKER_SCRIPT + "</body>"))
+    profile = tmp_path / "chrome-profile"
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--virtual-time-budget=10000",
+           "--dump-dom", page.as_uri()]
+    env = {**os.environ, "HOME": str(tmp_path)}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    dom = r.stdout
+    m = re.search(r'id="render-check">IMAGES=(\d+) BROKEN=(\d+) W=([\d,]*)<', dom)
+    assert m, f"no render marker in the DOM (rc={r.returncode}); stderr tail: {r.stderr[-2000:]}"
+    n, broken = int(m.group(1)), int(m.group(2))
+    assert n == 2 * 2 + 2 * 3 * 2 * 2
+    assert broken == 0
+    assert all(int(w) > 0 for w in m.group(3).split(","))
+    # And a screenshot of the report itself renders to a non-blank PNG.
+    shot = tmp_path / "shot.png"
+    r2 = subprocess.run([*cmd[:-2], f"--screenshot={shot}", "--window-size=1200,1600", path.as_uri()],
+                        capture_output=True, text=True, timeout=240, env=env)
+    assert shot.is_file(), r2.stderr[-2000:]
+    import numpy as np
+    from PIL import Image
+
+    im = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert im.std() > 5
