@@ -219,3 +219,17 @@ def test_per_token_ffn_maps_equal_direct_propagation_and_oracle(pre_norm, eps):
     dec = fast.relevance(cache, "decoder", 1, [0, 1, 2], "all")  # 18 targets, maps reused
     dref = direct.relevance(direct.forward_tokens(src, pos, mask), "decoder", 1, [0, 1, 2], "all")
     assert _rel_err(dec.token_maps, dref.token_maps) <= 1e-9
+
+
+def test_ffn_maps_are_built_once_enough_targets_used_a_cache():
+    parts = tiny_detr()
+    src, pos, mask = token_inputs(32, SIZES)
+    eng = _engine(parts)
+    cache = eng.forward_tokens(src, pos, mask)
+    first = eng.relevance(cache, "encoder", 1, range(10))
+    assert not cache.derived  # 10 < hidden_dim / 2 targets so far: direct propagation
+    second = eng.relevance(cache, "encoder", 1, range(10, 20))
+    assert {k[1] for k in cache.derived} == {0, 1}  # layers 0..1 have served 20 targets
+    again = eng.relevance(cache, "encoder", 1, range(10))
+    assert _rel_err(again.token_maps, first.token_maps) <= 1e-9
+    assert second.token_maps.shape == first.token_maps.shape

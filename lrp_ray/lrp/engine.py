@@ -197,15 +197,19 @@ class LrpEngine:
             qsel = select_queries(cache, "all" if queries is None else queries)
         r = qsel.shape[1]
         step = chunk or self.max_feature_chunk(cache, module, layer, r)
-        # per-token FFN maps cost about as much as dff*d/(2*dff-d) ~ d/2 direct targets to build
-        use_maps = self.config.ffn_maps and len(features) * r >= self.weights.hidden_dim // 2
-        parts = [self._relevance_chunk(cache, module, layer, features[i:i + step], qsel, use_maps)
+        # per-token FFN maps cost about as much as dff*d/(2*dff-d) ~ d/2 direct targets to build:
+        # count the targets each encoder layer of this cache serves; build once the count gets there
+        top = layer if module == "encoder" else len(self.weights.encoder) - 1
+        for i in range(top + 1):
+            cache.usage[("enc", i)] = cache.usage.get(("enc", i), 0) + len(features) * r
+        maps_after = self.weights.hidden_dim // 2 if self.config.ffn_maps else None
+        parts = [self._relevance_chunk(cache, module, layer, features[i:i + step], qsel, maps_after)
                  for i in range(0, len(features), step)]
         return RelevanceResult.concat(parts)
 
     @torch.no_grad()
     def _relevance_chunk(self, cache: ForwardCache, module: str, layer: int, features: list[int],
-                         qsel: np.ndarray, use_maps: bool = False) -> RelevanceResult:
+                         qsel: np.ndarray, maps_after: int | None = None) -> RelevanceResult:
         w, acc = self.weights, self._acc
         d = w.hidden_dim
         valid = ~cache["mask"]
@@ -227,7 +231,7 @@ class LrpEngine:
             act_sum = act_max = act_mean = act
         ledger = Ledger(acc)
         target = ledger.rel(y, g)
-        g = self._propagate(cache, w, self.rules, module, layer, g, ledger, use_maps)
+        g = self._propagate(cache, w, self.rules, module, layer, g, ledger, maps_after)
         x0 = cache["enc.x.0"].to(acc)
         g = g.to(acc)
         token = torch.einsum("btd,btnd->bnt", x0, g)

@@ -49,11 +49,12 @@ def _split_sum(g: Tensor, base: Tensor, other: Tensor, eps: float, ledger: Ledge
 
 
 def _encoder_ffn_back(g: Tensor, i: int, c: ForwardCache, w: TransformerWeights, eps: float,
-                      use_maps: bool):
+                      maps_after: int | None):
     """Encoder FFN backward: through per-token maps (built once per cache and layer, kept as derived
-    data) when many targets share them, else directly."""
+    data) once ``maps_after`` targets have used this layer of this cache, else directly."""
     key = ("ffn", i, eps)
-    if key not in c.derived and not use_maps:
+    used = c.usage.get(("enc", i), 0)
+    if key not in c.derived and (maps_after is None or used < maps_after):
         return ffn_back(g, c[f"enc.{i}.f"], c[f"enc.{i}.u"], w.encoder[i].ffn, eps)
     if key not in c.derived:
         c.derived[key] = ffn_token_maps(c[f"enc.{i}.u"], w.encoder[i].ffn, eps)
@@ -62,7 +63,7 @@ def _encoder_ffn_back(g: Tensor, i: int, c: ForwardCache, w: TransformerWeights,
 
 
 def encoder_layer_back(g: Tensor, i: int, c: ForwardCache, w: TransformerWeights, rules: RuleSet,
-                       ledger: Ledger, use_maps: bool = False) -> Tensor:
+                       ledger: Ledger, maps_after: int | None = None) -> Tensor:
     """g at the output of encoder layer ``i`` -> g at its input."""
     eps = rules.epsilon
     lw = w.encoder[i]
@@ -74,7 +75,7 @@ def encoder_layer_back(g: Tensor, i: int, c: ForwardCache, w: TransformerWeights
         n1, n2 = c[p + "ln1"], c[p + "ln2"]
         z1 = x + a
         g = stab(g, y, eps)
-        gf, b1 = _encoder_ffn_back(g, i, c, w, eps, use_maps)
+        gf, b1 = _encoder_ffn_back(g, i, c, w, eps, maps_after)
         gn2, b2 = layernorm_back(gf, n2, c[p + "rstd2"], lw.norm2.gamma, lw.norm2.beta, eps)
         g = stab(g + gn2, z1, eps)
         ag = attention_back(g, _attn(c, p), lw.attn, rules)
@@ -88,7 +89,7 @@ def encoder_layer_back(g: Tensor, i: int, c: ForwardCache, w: TransformerWeights
     h = c[p + "ln1"]
     g, b1 = layernorm_back(g, y, c[p + "rstd2"], lw.norm2.gamma, lw.norm2.beta, eps)
     g = stab(g, h + f, eps)
-    gf, b2 = _encoder_ffn_back(g, i, c, w, eps, use_maps)
+    gf, b2 = _encoder_ffn_back(g, i, c, w, eps, maps_after)
     g, b3 = layernorm_back(g + gf, h, c[p + "rstd1"], lw.norm1.gamma, lw.norm1.beta, eps)
     g = stab(g, x + a, eps)
     ag = attention_back(g, _attn(c, p), lw.attn, rules)
@@ -175,10 +176,11 @@ def decoder_layer_back(g: Tensor, g_mem: Tensor, j: int, c: ForwardCache, w: Tra
 
 
 def propagate(c: ForwardCache, w: TransformerWeights, rules: RuleSet, module: str, layer: int,
-              g: Tensor, ledger: Ledger, use_maps: bool = False) -> Tensor:
+              g: Tensor, ledger: Ledger, maps_after: int | None = None) -> Tensor:
     """Propagate ``g`` from the output of ``module`` layer ``layer`` to the encoder input tokens.
 
-    ``use_maps``: route the encoder FFNs through per-token maps (worth it for many targets).
+    ``maps_after``: route an encoder FFN through per-token maps once that many targets have used the
+    layer of this cache (building them costs about as much as ``hidden_dim / 2`` direct targets).
     """
     if module == "decoder":
         mem = memory_of(c, w)
@@ -197,7 +199,7 @@ def propagate(c: ForwardCache, w: TransformerWeights, rules: RuleSet, module: st
     else:
         top = layer
     for i in range(top, -1, -1):
-        g = encoder_layer_back(g, i, c, w, rules, ledger, use_maps)
+        g = encoder_layer_back(g, i, c, w, rules, ledger, maps_after)
         ledger.record(f"encoder.{i}.in", ledger.rel(c[f"enc.x.{i}"], g))
     return g
 
