@@ -62,7 +62,7 @@ def test_cli_end_to_end_rows_and_values_equal_the_engine(tiny_images, tmp_path):
         np.testing.assert_allclose(df[col], want[col], rtol=1e-4, atol=1e-5 * np.abs(want[col]).max())
     for col in ("token_map", "channel_relevance", "profile"):
         scale = max(np.abs(v).max() for v in want[col])
-        for a, b in zip(df[col], want[col]):
+        for a, b in zip(df[col], want[col], strict=False):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
     m = json.loads((out / "manifest.json").read_text())
     assert m["forward_passes"] == m["counts"]["batches"] == 3

@@ -127,16 +127,17 @@ def test_ray_job_submit_against_a_local_head(tiny_images, tmp_path):
     env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex, "RAY_USAGE_STATS_ENABLED": "0",
                 "LRP_RAY_RESULTS": str(results_root)})
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    head = subprocess.Popen([RAY_BIN, "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-                             "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-                             "--num-cpus", "2", "--temp-dir", temp_dir, "--disable-usage-stats"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    head = subprocess.Popen(
+        [RAY_BIN, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
+         "--temp-dir", temp_dir, "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.monotonic() + 120
         while True:
-            ping = subprocess.run([RAY_BIN, "job", "list", "--address", address], env=env, capture_output=True,
-                                  text=True, timeout=60)
+            ping = subprocess.run([RAY_BIN, "job", "list", "--address", address], env=env,
+                                  capture_output=True, text=True, timeout=60)
             if ping.returncode == 0:
                 break
             assert head.poll() is None, head.stderr.read().decode()[-3000:]
@@ -145,9 +146,11 @@ def test_ray_job_submit_against_a_local_head(tiny_images, tmp_path):
         sub_id = f"lrp-test-{uuid.uuid4().hex[:8]}"
         opts = sum((["--opt", o] for o in TINY_OVERRIDES), [])
         job = subprocess.run(
-            [RAY_BIN, "job", "submit", "--address", address, "--submission-id", sub_id, "--working-dir", str(REPO),
+            [RAY_BIN, "job", "submit", "--address", address, "--submission-id", sub_id,
+             "--working-dir", str(REPO),
              "--", "python", "-m", "lrp_ray.sweep", "--images", str(tiny_images), "--module", "encoder",
-             "--layers", "1", "--features", "0-3", "--batch-size", "3", "--actors", "1", "--out", "job_out", *opts],
+             "--layers", "1", "--features", "0-3", "--batch-size", "3", "--actors", "1", "--out", "job_out",
+             *opts],
             env=env, capture_output=True, text=True, timeout=400)
         status = subprocess.run([RAY_BIN, "job", "status", "--address", address, sub_id], env=env,
                                 capture_output=True, text=True, timeout=60)

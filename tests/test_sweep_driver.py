@@ -43,7 +43,7 @@ def expected_keys(images: list[str], features=range(6), layers=(0, 1), queries=2
 def row_keys(df: pd.DataFrame) -> set:
     out = set()
     rank = df[df.module == "decoder"].groupby(["layer", "image", "feature"]).cumcount()
-    for i, r in enumerate(df.itertuples()):
+    for _i, r in enumerate(df.itertuples()):
         if r.module == "encoder":
             out.add((r.module, r.layer, r.image, r.feature))
         else:
@@ -57,7 +57,7 @@ def assert_same_rows(a: pd.DataFrame, b: pd.DataFrame, tol: float = 1e-6) -> Non
     pd.testing.assert_frame_equal(a[KEY], b[KEY])
     for col in ("act_sum", "act_mean", "relevance_total", "input_relevance", "bias_relevance"):
         pd.testing.assert_series_equal(a[col], b[col], rtol=tol, atol=tol)
-    for x, y in zip(a.token_map, b.token_map):
+    for x, y in zip(a.token_map, b.token_map, strict=False):
         assert len(x) == len(y) and max(abs(x - y), default=0) <= tol * max(1.0, abs(x).max())
 
 

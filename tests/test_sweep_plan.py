@@ -52,7 +52,7 @@ def test_rows_match_engine_records(engine_and_batch, module, queries):
     recs = res.records(names)
     assert table.num_rows == len(recs) == 3 * 3 * (2 if queries else 1)
     rows = table.to_pylist()
-    for got, want in zip(rows, recs):
+    for got, want in zip(rows, recs, strict=False):
         for key in ("image", "feature", "query", "grid_h", "grid_w", "rules", "precision"):
             assert got[key] == want[key], key
         for key in ("act_sum", "act_max", "act_mean", "relevance_total", "input_relevance", "bias_relevance",

@@ -37,7 +37,8 @@ def test_index_lists():
     assert resolve_indices("all", 4, "layers") == [0, 1, 2, 3]
     with pytest.raises(BadRequest, match=r"layers 6-7 out of range.*0-5"):
         resolve_indices("0-7", 6, "layers")
-    assert parse_queries("top5") == "top5" and parse_queries("ALL") == "all" and parse_queries("0,3") == [0, 3]
+    assert parse_queries("top5") == "top5" and parse_queries("ALL") == "all"
+    assert parse_queries("0,3") == [0, 3]
     with pytest.raises(ValueError):
         parse_queries("best")
 
@@ -80,10 +81,10 @@ def test_help_documents_flags_defaults_and_exit_codes(capsys):
         build_parser().parse_args(["--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--spec", "--config", "--weights", "--images", "--module", "--layers", "--features", "--queries",
-                 "--rules", "--out", "--batch-size", "--feature-chunk", "--actors", "--gpus-per-actor",
-                 "--cpus-per-actor", "--device", "--precision", "--compile", "--address", "--resume",
-                 "--overwrite", "--heatmaps"):
+    for flag in ("--spec", "--config", "--weights", "--images", "--module", "--layers", "--features",
+                 "--queries", "--rules", "--out", "--batch-size", "--feature-chunk", "--actors",
+                 "--gpus-per-actor", "--cpus-per-actor", "--device", "--precision", "--compile", "--address",
+                 "--resume", "--overwrite", "--heatmaps"):
         assert flag in text
     assert "(default: 4)" in text and "Exit codes" in text
     for code in ("0 ", "1 ", "2 ", "3 "):
@@ -145,8 +146,8 @@ def test_more_bad_requests(tiny_images, tmp_path, wrong_weights, capsys):
         (["--spec", str(tmp_path / "missing.yaml")], "file not found"),
         (["--images", str(tiny_images), "--out", str(tmp_path / "o2"), "--config",
           str(wrong_weights / "config.yaml"), "--weights", str(wrong_weights / "other.pth")], "--weights"),
-        (["--images", str(tiny_images), "--out", str(tmp_path / "o3"), "--config", str(tmp_path / "nope.yaml")],
-         "--config .*file not found"),
+        (["--images", str(tiny_images), "--out", str(tmp_path / "o3"),
+          "--config", str(tmp_path / "nope.yaml")], "--config .*file not found"),
         (["--images", str(tiny_images), "--out", str(tmp_path / "o4"), "--opt", "MODEL.DETR.HIDDEN_DIMM=4"],
          "unknown config key"),
     ]
