@@ -199,8 +199,8 @@ def generate_scene(index: int, difficulty: float = 1.0, size: tuple[int, int] | 
     draw = ImageDraw.Draw(pil)
     for lab in labels:
         if lab == CAR:
-            bw = int(round(short * rng.uniform(0.34, 0.55)))
-            bh = int(round(bw * rng.uniform(0.5, 0.62)))
+            bw = int(round(short * rng.uniform(0.42, 0.62)))
+            bh = int(round(bw * rng.uniform(0.55, 0.65)))
         elif lab == DISC:
             bw = bh = int(round(short * rng.uniform(0.2, 0.36)))
         else:
