@@ -67,6 +67,7 @@ def test_cli_end_to_end_rows_and_values_equal_the_engine(tiny_images, tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert m["forward_passes"] == m["counts"]["batches"] == 3
     assert m["status"] == "complete"
+    assert m["run"]["nodes"] == ["127.0.0.1"]  # --address local binds to the loopback address
 
 
 @pytest.mark.slow

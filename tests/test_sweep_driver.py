@@ -158,8 +158,8 @@ def test_bad_images_are_skipped_and_reported(ray_session, tmp_path):
     write_images(images, {"good1.png": (64, 80), "nested/good2.jpg": (70, 64)})
     out = tmp_path / "out"
     lines: list[str] = []
-    res = run_sweep(tiny_spec(out, images, actors=1, module="encoder", layers="1"), log_fn=lines.append,
-                    progress=False)
+    res = run_sweep(tiny_spec(out, images, actors=1, module="encoder", layers="1", heatmaps=True),
+                    log_fn=lines.append, progress=False)
     assert res.exit_code == 1
     errors = pd.read_csv(out / "errors.csv")
     assert set(errors.image) == set(expected) and errors.reason.str.len().min() > 0
@@ -167,6 +167,9 @@ def test_bad_images_are_skipped_and_reported(ray_session, tmp_path):
     assert set(df.image) == {"good1.png", "nested/good2.jpg"} and len(df) == 2 * 6
     assert res.manifest["counts"]["images_failed"] == len(expected)
     assert any(f"{len(expected)} failed" in line for line in lines)
+    pngs = sorted(p.name for p in (out / "heatmaps").glob("*.png"))
+    assert res.manifest["heatmaps"]["files"] == len(pngs) == 6 * 2 * 2  # features x (act, rel) x 2 images
+
 
 
 def test_one_actor_small_cache_budget_gives_the_same_values(ray_session, first_run, tiny_images, tmp_path):

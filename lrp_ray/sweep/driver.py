@@ -806,7 +806,7 @@ def execute(prep: Prepared, *, log_fn: Callable[[str], None] = print, progress: 
     shutdown = False
     actors_info: list[dict] = []
     run_desc = "nothing to compute"
-    n_actors, device = 0, None
+    n_actors, device, nodes = 0, None, []
     exit_code = EXIT_OK
     t_sweep = 0.0
     try:
@@ -817,6 +817,7 @@ def execute(prep: Prepared, *, log_fn: Callable[[str], None] = print, progress: 
             import ray
 
             n_actors = max(1, min(n_actors, len(todo)))
+            nodes = sorted({n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")})
             engine_opts = {"rules": spec.rules, "epsilon": spec.epsilon, "precision": spec.precision,
                            "device": device, "compile": spec.compile}
             state_ref = ray.put(prep.state)
@@ -875,7 +876,7 @@ def execute(prep: Prepared, *, log_fn: Callable[[str], None] = print, progress: 
     t_sum = time.perf_counter() - t_sum
     heatmaps = None
     if spec.heatmaps and status == "complete":
-        heatmaps = _render_heatmaps(out, log_fn)
+        heatmaps = _render_heatmaps(prep, log_fn)
 
     stats = dict(sched.stats) if sched else {"forward_passes": 0, "cache_hits": 0, "cache_transfers": 0}
     if exit_code == EXIT_OK and prep.errors:
@@ -884,7 +885,8 @@ def execute(prep: Prepared, *, log_fn: Callable[[str], None] = print, progress: 
     manifest = _base_manifest(prep, status)
     peak_driver = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
     manifest.update({
-        "run": {"ray": run_desc, "actors": n_actors, "device": device, "actors_info": actors_info},
+        "run": {"ray": run_desc, "nodes": nodes, "actors": n_actors, "device": device,
+                "actors_info": actors_info},
         "counts": {
             "images_found": len(prep.images) + len(prep.errors), "images_ok": len(prep.images),
             "images_failed": len(prep.errors), "batches": len(prep.plan.batches), "items_total": n_items,
@@ -914,22 +916,25 @@ def execute(prep: Prepared, *, log_fn: Callable[[str], None] = print, progress: 
     return SweepResult(out, exit_code, manifest, prep.errors, failed_items)
 
 
-def _render_heatmaps(out: Path, log_fn: Callable[[str], None]) -> str | None:
+def _render_heatmaps(prep: Prepared, log_fn: Callable[[str], None]) -> dict | None:
+    """OUT/heatmaps: overlays of the top images per module/layer/feature (lrp_ray.viz)."""
     try:
-        from lrp_ray import heatmaps  # type: ignore[attr-defined]
-    except ImportError:
-        log_fn("--heatmaps: the heatmaps module is not available in this version; skipped")
+        from lrp_ray.viz import write_top_heatmaps
+    except ImportError as exc:
+        log_fn(f"--heatmaps: the heatmap renderer is not available ({_one_line(exc)}); skipped")
         return None
-    fn = getattr(heatmaps, "render_sweep", None) or getattr(heatmaps, "write_heatmaps", None)
-    if fn is None:
-        log_fn("--heatmaps: no renderer found in lrp_ray.heatmaps; skipped")
-        return None
+    cfg = prep.model_cfg
+    stride = 16 if getattr(cfg, "res5_dilation", 1) == 2 else 32
+    t0 = time.perf_counter()
     try:
-        fn(out)
+        size = (int(cfg.min_size_test), int(cfg.max_size_test))
+        written = write_top_heatmaps(prep.out, prep.image_root, top_n=3, input_size=size, stride=stride)
     except Exception as exc:
         log_fn(f"--heatmaps: rendering failed: {_one_line(exc)}")
         return None
-    return str(out / "heatmaps")
+    log_fn(f"heatmaps: {len(written)} images in {prep.out / 'heatmaps'}")
+    return {"dir": str(prep.out / "heatmaps"), "files": len(written),
+            "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def _final_table(log_fn: Callable[[str], None], prep: Prepared, manifest: dict, summary: Any) -> None:
