@@ -74,14 +74,20 @@ def seed_way(engine, model, batch, layer: int, features: list[int]) -> Tensor:
     return torch.stack(maps, 1)
 
 
-def batched_autograd(engine, batch, layer: int, features: list[int], chunk: int = 32) -> Tensor:
-    """One forward with a retained graph, then is_grads_batched backwards over feature chunks."""
+def autograd_forward(engine, batch, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The batched-autograd user's single forward: tokens (requiring grad), layer output, key mask."""
     tr = engine.parts.transformer
     with torch.no_grad():
         src, pos, mask = engine.encoder_inputs(batch)
     x0, p, kpm = tokens(src, pos, mask)
     x0 = x0.detach().requires_grad_(True)
-    y = encoder_outputs(tr, x0, p, kpm, layer)
+    return x0, encoder_outputs(tr, x0, p, kpm, layer), kpm
+
+
+def batched_autograd(engine, batch, layer: int, features: list[int], chunk: int = 32,
+                     forward: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+    """One forward with a retained graph, then is_grads_batched backwards over feature chunks."""
+    x0, y, kpm = forward or autograd_forward(engine, batch, layer)
     valid = (~kpm).to(y.dtype)
     maps = []
     for i in range(0, len(features), chunk):

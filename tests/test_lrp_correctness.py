@@ -206,7 +206,7 @@ def test_per_token_ffn_maps_equal_direct_propagation_and_oracle(pre_norm, eps):
     fast = _engine(parts, eps=eps)
     cache = fast.forward_tokens(src, pos, mask)
     res = fast.relevance(cache, "encoder", 2, feats)
-    assert any(k[0] == "ffn" for k in cache.derived) and cache.derived_nbytes > 0
+    assert any(k[0] == "enc" for k in cache.derived) and cache.derived_nbytes > 0
     direct = LrpEngine(parts, EngineConfig(epsilon=eps, precision="fp64", device="cpu", ffn_maps=False))
     ref = direct.relevance(direct.forward_tokens(src, pos, mask), "encoder", 2, feats)
     assert _rel_err(res.token_maps, ref.token_maps) <= 1e-9

@@ -15,7 +15,7 @@ from .cache import ForwardCache
 from .forward import layer_norm, run_forward
 from .propagate import Ledger, profile_names, propagate
 from .result import RelevanceResult
-from .rules import RuleSet
+from .rules import RuleSet, token_dot
 from .targets import QuerySpec, decoder_start, encoder_start, select_queries
 from .weights import TransformerWeights, cast_weights, extract_weights
 
@@ -234,8 +234,8 @@ class LrpEngine:
         g = self._propagate(cache, w, self.rules, module, layer, g, ledger, maps_after)
         x0 = cache["enc.x.0"].to(acc)
         g = g.to(acc)
-        token = torch.einsum("btd,btnd->bnt", x0, g)
-        channel = torch.einsum("btd,btnd->bnd", x0 * valid[:, :, None].to(acc), g)
+        token = token_dot(g, x0).transpose(1, 2)                              # [B,N,T]
+        channel = (g * (x0 * valid[:, :, None].to(acc)).unsqueeze(2)).sum(1)  # [B,N,d]
         gh, gw = cache.meta["grid"]
         token = (token * valid[:, None, :].to(acc)).reshape(token.shape[0], token.shape[1], gh, gw)
         zeros = torch.zeros_like(target)

@@ -75,10 +75,23 @@ def mm(a: Tensor, b: Tensor) -> Tensor:
     return (a.to(b.dtype) @ b).to(a.dtype)
 
 
+def _acc(t: Tensor) -> Tensor:
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def token_dot(g: Tensor, x: Tensor, acc: torch.dtype | None = None) -> Tensor:
+    """Per token and target ``sum_d g[b,t,n,d] * x[b,t,d]``: [B, T, N] (a batched mat-vec, no copies)."""
+    if acc is not None:
+        g, x = g.to(acc), x.to(acc)
+    else:
+        g, x = _acc(g), _acc(x)
+    return torch.matmul(g, x.to(g.dtype).unsqueeze(-1)).squeeze(-1)
+
+
 def bias_dot(g: Tensor, b: Tensor) -> Tensor:
     """Relevance absorbed by bias ``b`` given the stabilised ``g`` of its node: [B, N]."""
-    return torch.einsum("btnd,d->bn", g.float() if g.dtype != torch.float64 else g,
-                        b.float() if b.dtype != torch.float64 else b)
+    g = _acc(g)
+    return torch.matmul(g, b.to(g.dtype)).sum(1)
 
 
 def layernorm_back(g: Tensor, y: Tensor, rstd: Tensor, gamma: Tensor, beta: Tensor,
@@ -131,16 +144,6 @@ def ffn_token_maps(u: Tensor, ffn, eps: float, block_bytes: int = 1 << 28) -> tu
                   out=maps[k:k + blk])
     vecs = (flat * b1) @ w2.T
     return maps.view(b, t, d, d), vecs.view(b, t, d)
-
-
-def ffn_back_tokenwise(g: Tensor, f: Tensor, maps: Tensor, vecs: Tensor, b2: Tensor,
-                       eps: float) -> tuple[Tensor, Tensor]:
-    """FFN backward with precomputed per-token maps (see :func:`ffn_token_maps`)."""
-    gs = stab(g, f, eps)
-    bias = bias_dot(gs, b2)
-    acc = torch.float64 if gs.dtype == torch.float64 else torch.float32
-    bias = bias + torch.einsum("btnd,btd->bn", gs.to(acc), vecs.to(acc))
-    return mm(gs, maps), bias
 
 
 def _heads(g: Tensor, nheads: int) -> Tensor:
