@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -52,13 +53,17 @@ def row_keys(df: pd.DataFrame) -> set:
     return out
 
 
-def assert_same_rows(a: pd.DataFrame, b: pd.DataFrame, tol: float = 1e-6) -> None:
+def assert_same_rows(a: pd.DataFrame, b: pd.DataFrame, tol: float = 1e-5) -> None:
+    """Same row set; values equal up to fp32 rounding (the engine's arithmetic path may depend on how many
+    targets a forward cache has served, so a resumed or rescheduled run is not bit-identical)."""
     assert len(a) == len(b)
     pd.testing.assert_frame_equal(a[KEY], b[KEY])
     for col in ("act_sum", "act_mean", "relevance_total", "input_relevance", "bias_relevance"):
-        pd.testing.assert_series_equal(a[col], b[col], rtol=tol, atol=tol)
-    for x, y in zip(a.token_map, b.token_map, strict=False):
-        assert len(x) == len(y) and max(abs(x - y), default=0) <= tol * max(1.0, abs(x).max())
+        scale = max(1e-12, float(np.abs(b[col]).max()))
+        np.testing.assert_allclose(a[col], b[col], rtol=tol, atol=tol * scale)
+    scale = max(float(np.abs(v).max()) for v in b.token_map)
+    for x, y in zip(a.token_map, b.token_map, strict=True):
+        np.testing.assert_allclose(x, y, rtol=tol, atol=tol * scale)
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +90,8 @@ def test_rows_forward_count_and_manifest(first_run, tiny_images):
     assert set(m["profile_names"]) == {"encoder/0", "encoder/1", "decoder/0", "decoder/1"}
     assert m["spec_hash"] and m["versions"]["ray"] and m["timings"]["total"] > 0
     assert m["peak_memory"]["driver_rss"] > 0
+    for info in m["run"]["actors_info"]:  # at most the batch in work and the next one, whatever the images
+        assert info["stats"]["max_caches"] <= 2 and info["stats"]["evictions"] == 0
     assert any(line.startswith("encoder layer 0, features 0-2, batch 1/3 (2 images)") for line in lines)
     assert (out / "errors.csv").read_text().strip() == "image,reason"
     summary = pd.read_csv(out / "summary.csv")
@@ -106,11 +113,11 @@ def test_resume_skips_finished_work_and_ends_with_the_same_rows(first_run, tiny_
     assert m["counts"]["items_skipped_resume"] == 24 - len(removed)
     assert m["counts"]["items_run"] == len(removed)
     assert m["forward_passes"] == len({p.name.split("-")[1] for p in removed})
-    assert_same_rows(load(out), before, tol=0)
+    assert_same_rows(load(out), before)
     # running it again computes nothing
     res = run_sweep(tiny_spec(out, tiny_images), log_fn=lines.append, progress=False)
     assert res.manifest["counts"]["items_run"] == 0 and res.manifest["forward_passes"] == 0
-    assert_same_rows(load(out), before, tol=0)
+    assert_same_rows(load(out), before)
 
 
 def test_different_spec_is_refused_unless_overwrite(first_run, tiny_images, tmp_path):
@@ -178,4 +185,6 @@ def test_one_actor_small_cache_budget_gives_the_same_values(ray_session, first_r
                     log_fn=lambda s: None, progress=False)
     assert res.exit_code == 0
     assert res.manifest["forward_passes"] == 3 and res.manifest["cache"]["cache_transfers"] == 0
+    (info,) = res.manifest["run"]["actors_info"]
+    assert info["stats"]["max_caches"] == 1 and info["stats"]["evictions"] == 0  # memory stays flat
     assert_same_rows(load(out), load(first_run[0]))

@@ -26,8 +26,8 @@ def _rss_peak_bytes() -> int:
 
 
 def engine_chunk_budget(cache_budget_bytes: int) -> int:
-    """Bytes the engine may use for one vectorised relevance call."""
-    return max(64 << 20, min(2 << 30, cache_budget_bytes // 2))
+    """Bytes the engine may use for one vectorised relevance call (the actor gets 2x the cache budget)."""
+    return max(64 << 20, min(4 << 30, cache_budget_bytes // 2))
 
 
 @ray.remote(concurrency_groups={"ping": 1})
@@ -64,7 +64,7 @@ class LrpWorker:
         self.feature_chunk = feature_chunk
         self.caches: OrderedDict[str, tuple[Any, dict]] = OrderedDict()
         self.stats = {"forwards": 0, "imports": 0, "exports": 0, "items": 0, "evictions": 0,
-                      "load_seconds": time.perf_counter() - t0}
+                      "max_caches": 0, "max_cache_bytes": 0, "load_seconds": time.perf_counter() - t0}
         self.pid = os.getpid()
 
     # ----------------------------------------------------------------- health
@@ -90,6 +90,8 @@ class LrpWorker:
             old, (c, _) = self.caches.popitem(last=False)
             total -= c.nbytes
             self.stats["evictions"] += 1
+        self.stats["max_caches"] = max(self.stats["max_caches"], len(self.caches))
+        self.stats["max_cache_bytes"] = max(self.stats["max_cache_bytes"], total)
 
     def _forward(self, key: str, images: list) -> tuple[Any, dict]:
         from lrp_ray.models import preprocess

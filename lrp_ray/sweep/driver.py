@@ -434,16 +434,18 @@ class _Scheduler:
         a.last_answer = time.monotonic()
 
     # -------------------------------------------------------------- scheduling
-    def _live_bytes(self) -> int:
-        total = 0
-        for bs in self.batches.values():
-            if bs.opened and bs.remaining > 0:
-                total += bs.nbytes * max(1, len(bs.holders)) + (bs.nbytes if bs.export_ref is not None else 0)
-        return total
+    def _actor_bytes(self, idx: int) -> int:
+        """Bytes of the live forward caches actor ``idx`` holds (or is computing)."""
+        return sum(bs.nbytes for bs in self.batches.values()
+                   if bs.opened and bs.remaining > 0 and (idx in bs.holders or bs.owner == idx))
 
     def _holds_live(self, idx: int) -> bool:
         return any(bs.opened and bs.remaining > 0 and (idx in bs.holders or bs.owner == idx)
                    for bs in self.batches.values())
+
+    def _fits(self, idx: int, extra: int) -> bool:
+        """May actor ``idx`` take on another cache of ``extra`` bytes? (always, when it holds none)"""
+        return not self._holds_live(idx) or self._actor_bytes(idx) + extra <= self.budget
 
     def _open_batch(self, bs: _BatchState, a: _ActorState) -> None:
         from lrp_ray.models import read_image
@@ -467,7 +469,7 @@ class _Scheduler:
             if not bs.pending:
                 self.unopened.popleft()
                 continue
-            if self._holds_live(a.idx) and self._live_bytes() + self.max_nbytes > self.budget:
+            if not self._fits(a.idx, self.max_nbytes):
                 break
             self.unopened.popleft()
             try:
@@ -482,7 +484,7 @@ class _Scheduler:
         best = None
         for bs in open_batches:
             if bs.ready and bs.holders and a.idx not in bs.holders and len(bs.pending) >= 2:
-                if self._holds_live(a.idx) and self._live_bytes() + 2 * bs.nbytes > self.budget:
+                if not self._fits(a.idx, bs.nbytes):
                     continue
                 if best is None or len(bs.pending) > len(best.pending):
                     best = bs
@@ -821,7 +823,7 @@ def execute(prep: Prepared, *, log_fn: Callable[[str], None] = print, progress: 
             engine_opts = {"rules": spec.rules, "epsilon": spec.epsilon, "precision": spec.precision,
                            "device": device, "compile": spec.compile}
             state_ref = ray.put(prep.state)
-            per_actor_budget = max(1, (int(spec.cache_budget_mb) << 20) // n_actors)
+            per_actor_budget = int(spec.cache_budget_mb) << 20
             chunk = None if spec.feature_chunk == "auto" else int(spec.feature_chunk)
             log_fn(f"{run_desc}: {n_actors} actor(s) on {device}, {len(todo)} work items, "
                    f"{len(prep.plan.batches)} image batches")
@@ -842,8 +844,10 @@ def execute(prep: Prepared, *, log_fn: Callable[[str], None] = print, progress: 
                     _bar.refresh()
             sched = _Scheduler(prep, todo, on_event, slog, bar)
             t0 = time.perf_counter()
+            # the actor's own LRU is a safety net above the driver's accounting (which never lets an actor
+            # hold more than the budget, except one batch when that alone is larger)
             sched.start_actors(n_actors, opts, (prep.model_cfg, [state_ref], engine_opts, spec.cpus_per_actor,
-                                                per_actor_budget, chunk))
+                                                2 * per_actor_budget, chunk))
             try:
                 sched.run()
             finally:

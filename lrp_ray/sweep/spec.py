@@ -74,7 +74,8 @@ class SweepSpec(BaseModel):
     resume: bool = Field(True, description="skip work already in OUT (same spec only)")
     overwrite: bool = Field(False, description="delete earlier results in OUT first")
     heatmaps: bool = Field(False, description="also render OUT/heatmaps/*.png")
-    cache_budget_mb: int = Field(4096, ge=1, description="bytes (MiB) of live forward caches, all actors")
+    cache_budget_mb: int = Field(2048, ge=1, description="MiB of forward caches an actor keeps live (on its "
+                                                        "device); at least one batch's")
     max_in_flight: int = Field(2, ge=1, description="work items queued per actor")
     max_item_retries: int = Field(3, ge=1, description="attempts per work item on errors")
     ping_timeout_s: float = Field(60.0, gt=0, description="seconds an actor may not answer before its "
