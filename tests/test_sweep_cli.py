@@ -70,6 +70,14 @@ def test_cli_end_to_end_rows_and_values_equal_the_engine(tiny_images, tmp_path):
     assert m["run"]["nodes"] == ["127.0.0.1"]  # --address local binds to the loopback address
 
 
+def test_unreachable_address_is_a_bad_request(tiny_images, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli(["--images", str(tiny_images), "--address", "127.0.0.1:1", "--out", str(out),
+                    "--features", "0", *sum((["--opt", o] for o in TINY_OVERRIDES), [])], timeout=120)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "cannot start or reach Ray" in proc.stderr and not out.exists()
+
+
 @pytest.mark.slow
 def test_no_arguments_runs_the_bundled_demo(tmp_path):
     proc = run_cli([], cwd=tmp_path, timeout=400, env={"RAY_ADDRESS": ""})

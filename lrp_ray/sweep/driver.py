@@ -312,6 +312,21 @@ def _prepare_local_env() -> None:
         os.environ["PYTHONPATH"] = root + (os.pathsep + pp if pp else "")
 
 
+def _check_reachable(addr: str, timeout: float = 10.0) -> None:
+    """Fail fast on ``host:port`` / ``ray://host:port`` nobody listens on (ray.init would retry for long)."""
+    import socket
+
+    text = addr.split("://", 1)[1] if "://" in addr else addr
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise ConnectionError(f"nothing answers at {host}:{port} ({exc.strerror or exc})") from None
+
+
 def connect(address: str | None) -> tuple[bool, str]:
     """Connect to (or start) Ray; returns (whether we must shut it down, a description)."""
     if address in (None, "", "local") and not (address is None and os.environ.get("RAY_ADDRESS")):
@@ -325,6 +340,8 @@ def connect(address: str | None) -> tuple[bool, str]:
         ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
                  logging_level=logging.WARNING, log_to_driver=True)
         return True, "local Ray instance (127.0.0.1)"
+    if addr != "auto":
+        _check_reachable(addr)
     ray.init(address=addr, logging_level=logging.WARNING, log_to_driver=True)
     return True, f"Ray cluster at {addr}"
 
@@ -347,6 +364,7 @@ class _Scheduler:
             by_batch.setdefault(it.batch, []).append(it)
         self.batches = {b: _BatchState(prep.plan.batches[b], items) for b, items in sorted(by_batch.items())}
         self.unopened = deque(sorted(self.batches))
+        self.live: dict[int, _BatchState] = {}  # opened and not finished, in batch order
         self.items = {it.uid: it for it in todo}
         self.remaining = len(todo)
         self.done: set[str] = set()
@@ -364,7 +382,7 @@ class _Scheduler:
         self.profile_names: dict[str, list[str]] = {}
         self.actor_peaks: dict[str, dict] = {}
         self.t_last_progress = time.monotonic()
-        self.drop_refs: list[Any] = []
+        self.drop_refs: deque[Any] = deque(maxlen=64)
 
     # -------------------------------------------------------------- actors
     def start_actors(self, n: int, options: dict, args: tuple) -> None:
@@ -386,7 +404,7 @@ class _Scheduler:
     def stop_actors(self) -> None:
         if self.drop_refs:
             try:
-                self.ray.wait(self.drop_refs, num_returns=len(self.drop_refs), timeout=5)
+                self.ray.wait(list(self.drop_refs), num_returns=len(self.drop_refs), timeout=5)
             except Exception:
                 pass
         for a in self.actors:
@@ -396,7 +414,7 @@ class _Scheduler:
                 pass
 
     def _forget_holder(self, idx: int) -> None:
-        for bs in self.batches.values():
+        for bs in self.live.values():
             bs.holders.discard(idx)
             if bs.owner == idx:
                 bs.owner = None
@@ -436,12 +454,10 @@ class _Scheduler:
     # -------------------------------------------------------------- scheduling
     def _actor_bytes(self, idx: int) -> int:
         """Bytes of the live forward caches actor ``idx`` holds (or is computing)."""
-        return sum(bs.nbytes for bs in self.batches.values()
-                   if bs.opened and bs.remaining > 0 and (idx in bs.holders or bs.owner == idx))
+        return sum(bs.nbytes for bs in self.live.values() if idx in bs.holders or bs.owner == idx)
 
     def _holds_live(self, idx: int) -> bool:
-        return any(bs.opened and bs.remaining > 0 and (idx in bs.holders or bs.owner == idx)
-                   for bs in self.batches.values())
+        return any(idx in bs.holders or bs.owner == idx for bs in self.live.values())
 
     def _fits(self, idx: int, extra: int) -> bool:
         """May actor ``idx`` take on another cache of ``extra`` bytes? (always, when it holds none)"""
@@ -454,9 +470,10 @@ class _Scheduler:
         bs.images_ref = self.ray.put(images)
         bs.opened = True
         bs.owner = a.idx
+        self.live[bs.batch.index] = bs
 
     def _pick(self, a: _ActorState) -> tuple[_BatchState, WorkItem, Any] | None:
-        open_batches = [bs for bs in self.batches.values() if bs.opened and bs.pending]
+        open_batches = [bs for bs in self.live.values() if bs.pending]
         for bs in open_batches:  # 1. cache hits (or queued behind our own forward)
             if a.idx in bs.holders or bs.owner == a.idx:
                 return bs, bs.pending.popleft(), None
@@ -544,6 +561,8 @@ class _Scheduler:
         bs.images_ref = None
         bs.export_ref = None
         bs.holders.clear()
+        bs.owner = None
+        self.live.pop(bs.batch.index, None)
 
     # -------------------------------------------------------------- results
     def _on_result(self, ref: Any) -> None:
@@ -782,17 +801,38 @@ def execute(prep: Prepared, *, log_fn: Callable[[str], None] = print, progress: 
 
     t_start = time.perf_counter()
     spec, out = prep.spec, prep.out
+    dataset = out / "relevance"
+    finished = set() if spec.overwrite else done_keys(dataset)
+    todo = [it for it in prep.plan.items if it.part_relpath not in finished]
+
+    # Ray first: a cluster that cannot be reached must not cost the results already in OUT (--overwrite)
+    shutdown, run_desc = False, "nothing to compute"
+    n_actors, opts, device, nodes = 0, {}, None, []
+    if todo:
+        try:
+            shutdown, run_desc = connect(spec.address)
+        except Exception as exc:
+            where = spec.address or os.environ.get("RAY_ADDRESS") or "local"
+            raise BadRequest(f"--address {where}: cannot start or reach Ray "
+                             f"({_one_line(exc, 300)})") from None
+        import ray
+
+        try:
+            n_actors, opts, device = _actor_plan(spec, "local" in run_desc)
+        except BadRequest:
+            if shutdown:
+                ray.shutdown()
+            raise
+        n_actors = max(1, min(n_actors, len(todo)))
+        nodes = sorted({n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")})
+
     if spec.overwrite:
         clear_outputs(out)
-    out.mkdir(parents=True, exist_ok=True)
-    dataset = out / "relevance"
     dataset.mkdir(parents=True, exist_ok=True)
     clean_temp_files(dataset)
     if prep.out_note:
         log_fn(prep.out_note)
     log_fn(f"results: {out}")
-    finished = done_keys(dataset)
-    todo = [it for it in prep.plan.items if it.part_relpath not in finished]
     n_items = len(prep.plan.items)
     skipped = n_items - len(todo)
     total_maps = prep.plan.total_maps
@@ -805,21 +845,13 @@ def execute(prep: Prepared, *, log_fn: Callable[[str], None] = print, progress: 
 
     status = "complete"
     sched = None
-    shutdown = False
     actors_info: list[dict] = []
-    run_desc = "nothing to compute"
-    n_actors, device, nodes = 0, None, []
     exit_code = EXIT_OK
     t_sweep = 0.0
     try:
         if todo:
-            shutdown, run_desc = connect(spec.address)
-            local = "local" in run_desc
-            n_actors, opts, device = _actor_plan(spec, local)
             import ray
 
-            n_actors = max(1, min(n_actors, len(todo)))
-            nodes = sorted({n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")})
             engine_opts = {"rules": spec.rules, "epsilon": spec.epsilon, "precision": spec.precision,
                            "device": device, "compile": spec.compile}
             state_ref = ray.put(prep.state)
