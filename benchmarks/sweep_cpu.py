@@ -152,8 +152,8 @@ def _kill_group(pgid: int) -> None:
 
 # ------------------------------------------------------------------------------------------ reading a run
 
-_READY = re.compile(r"^(?P<desc>.+): (?P<actors>\d+) actor\(s\) on (?P<device>\S+), (?P<items>\d+) work items, "
-                    r"(?P<batches>\d+) image batches")
+_READY = re.compile(r"^(?P<desc>.+): (?P<actors>\d+) actor\(s\) on (?P<device>\S+), "
+                    r"(?P<items>\d+) work items, (?P<batches>\d+) image batches")
 _ITEM = re.compile(r"^(?P<module>encoder|decoder) layer (?P<layer>\d+), features (?P<features>\S+), "
                    r"batch (?P<batch>\d+)/(?P<batches>\d+) \((?P<images>\d+) images?\) (?P<s>[\d.]+)s "
                    r"\[(?P<source>\w+), actor (?P<actor>\d+)\]")
@@ -245,16 +245,23 @@ def timing_split(run: CliRun) -> dict[str, dict[str, Any]]:
         return None
 
     # Ray start: connect + cluster resources + the weights into the object store (before any actor)
-    split["ray_start"] = from_manifest("ray_start") or (
-        {"s": log["wrapper_ray_init_s"], "source": "log", "note": "ray.init in the GPU wrapper"}
-        if "wrapper_ray_init_s" in log else
-        {"s": log["t_ready"] - log["t_results"], "source": "log",
-         "note": "from 'results:' to the actors line: ray.init + weights into the object store"}
-        if "t_ready" in log and "t_results" in log else
-        {"s": None, "source": "missing", "note": "no Ray start timing in manifest or log"})
+    ray_start = from_manifest("ray_start")
+    if ray_start is None and "wrapper_ray_init_s" in log:
+        ray_start = {"s": log["wrapper_ray_init_s"], "source": "log", "note": "ray.init in the GPU wrapper"}
+    if ray_start is None and "t_ready" in log:
+        prep = tm.get("prepare")
+        if isinstance(prep, (int, float)):
+            ray_start = {"s": max(0.0, log["t_ready"] - float(prep)), "source": "log",
+                         "note": "process start to the 'N actor(s) on' line minus timings.prepare: ray.init, "
+                                 "the weights into the object store, plus interpreter start and CLI imports"}
+        else:
+            ray_start = {"s": log["t_ready"], "source": "log",
+                         "note": "process start to the 'N actor(s) on' line (prepare included: no manifest)"}
+    split["ray_start"] = ray_start or {"s": None, "source": "missing",
+                                       "note": "no Ray start timing in manifest or log"}
     # model load: driver (config + weights, state dict) and each actor's build + load_state_dict
     ml = from_manifest("model_load")
-    actor_load = [float(((a.get("stats") or {}).get("load_seconds") or 0.0))
+    actor_load = [float((a.get("stats") or {}).get("load_seconds") or 0.0)
                   for a in ((m.get("run") or {}).get("actors_info") or [])]
     if ml is not None:
         if actor_load:
@@ -341,18 +348,20 @@ def run_summary(run: CliRun) -> dict[str, Any]:
     maps = maps_done(run)
     sweep_s = (split.get("sweep") or {}).get("s")
     peak = m.get("peak_memory") or {}
+    actors = peak.get("actors") or {}
     return {
         "argv": run.argv[1:], "rc": run.rc,
         "status": m.get("status"), "timed_out": run.timed_out, "wall_s": run.wall_s,
         "actors": log.get("actors"), "device": log.get("device"), "n_items": log.get("n_items"),
-        "items_logged": len(log["items"]), "maps": maps, "maps_total": (m.get("counts") or {}).get("maps_total"),
+        "items_logged": len(log["items"]), "maps": maps,
+        "maps_total": (m.get("counts") or {}).get("maps_total"),
         "maps_per_s_wall": maps / run.wall_s if run.wall_s else None,
         "maps_per_s_sweep": maps / sweep_s if sweep_s else None,
         "counts": m.get("counts"), "forward_passes": m.get("forward_passes"), "cache": m.get("cache"),
         "timings_manifest": m.get("timings"), "split": split,
         "peak_rss": {"driver": peak.get("driver_rss"),
-                     "actors": {k: v.get("peak_rss") for k, v in (peak.get("actors") or {}).items()},
-                     "actors_device": {k: v.get("peak_device") for k, v in (peak.get("actors") or {}).items()}},
+                     "actors": {k: v.get("peak_rss") for k, v in actors.items()},
+                     "actors_device": {k: v.get("peak_device") for k, v in actors.items()}},
         "log_tail": [line for _, line in run.lines[-15:]],
     }
 
@@ -418,7 +427,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--features", default="all", help="features of the encoder case (default all = 256)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per CLI run (default 3600)")
-    ap.add_argument("--keep", metavar="DIR", help="keep the sweeps' outputs under DIR (default: temp, deleted)")
+    ap.add_argument("--keep", metavar="DIR",
+                    help="keep the sweeps' outputs under DIR (default: a temp folder, deleted)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny sizes (demo features 0-3; a tiny DETR on 2 images 64x96) to test the script")
     ap.add_argument("--quiet", action="store_true", help="do not echo the CLI's log")
@@ -478,7 +488,8 @@ def main(argv: list[str] | None = None) -> dict:
              "Split: seconds; `~` = derived from the CLI's log lines, n/a = not in the manifest (see JSON "
              "`split` notes).", "",
              "| case | actors x threads | rc | maps | wall s | sweep s | maps/s (sweep) | maps/s (wall) "
-             "| Ray start | model load | image decode | forward | propagation | writing | peak RSS GB driver/actor |",
+             "| Ray start | model load | image decode | forward | propagation | writing "
+             "| peak RSS GB driver/actor |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         sweep = (r["split"].get("sweep") or {}).get("s")
@@ -491,7 +502,8 @@ def main(argv: list[str] | None = None) -> dict:
             + " | ".join(split_cells(r["split"]))
             + f" | {_gb(drv)}/{_gb(max(actors_rss) if actors_rss else None)} |")
     lines += ["", "Cases: " + "; ".join(sorted({f"{r['case']}: {r['what']}" for r in rows}))]
-    missing = sorted({k for r in rows for k in SPLIT_COLUMNS if (r["split"].get(k) or {}).get("source") != "manifest"})
+    missing = sorted({k for r in rows for k in SPLIT_COLUMNS
+                      if (r["split"].get(k) or {}).get("source") != "manifest"})
     if missing:
         lines.append(f"Not in the manifest (derived from the log or n/a): {', '.join(missing)}.")
     write(name, {"machine": info, "command": cmd, "rows": rows}, "\n".join(lines) + "\n")

@@ -1,49 +1,55 @@
 """Analytic matmul FLOPs of one relevance propagation (cp rules, post-norm DETR), and a cross-check.
 
-Counts every matrix product the engine runs for one ``LrpEngine.relevance`` call with N targets, the way
-``torch.utils.flop_counter.FlopCounterMode`` counts them (2 FLOPs per multiply-add of mm/bmm, einsums
-included): the large products (FFN, out/value projections, ``P^T``) and the small vector contractions
-(bias and LayerNorm-shift relevance, the per-layer profile, the final token/channel maps). An einsum such as
-``btnd,d->bn`` sums over tokens before its product, so it counts ``2*B*N*d``, as FlopCounterMode sees it.
+Counts every matrix product the engine runs in one ``LrpEngine.relevance`` call with N targets (2 FLOPs
+per multiply-add), grouped as
+
+- ``ffn``: the FFN backward (``g @ W2``, ``g @ W1``), or through the per-token folded maps ``g @ E_t``;
+- ``attn_proj``: the out- and value-projection backward (``g @ Wo``, ``g @ Wv``);
+- ``attn_pv``: ``g_o^T @ P`` per head (all heads together: ``N*d x Tq x Tk``);
+- ``token_dots``: per-token dot products (profile points, the folded maps' bias vectors), batched mat-vecs;
+- ``gemv``: relevance absorbed by biases and LayerNorm shifts (``g @ b``, matrix x vector);
+- ``ends``: the target relevance and the token maps at the encoder input.
+
+``torch.utils.flop_counter.FlopCounterMode`` counts mm/bmm (and addmm/baddbmm) but not matrix x vector
+products (``aten.mv``), so it sees ``total - gemv`` (the key ``counted_equiv``). :func:`cross_check` compares
+that with the counter on a small case.
 
 Shapes: B images, T encoder tokens (the padded grid, h*w), d hidden, dff FFN width, H heads, N targets per
-propagation (features x queries per feature), Q object queries. ``layers`` is the number of layers the
-relevance passes: ``layer + 1`` of the module it starts in; a decoder start also passes all
-``enc_layers`` encoder layers.
+propagation (features x queries per feature), Q object queries. ``layers``: the layers the relevance passes
+in the module it starts in (``layer + 1``); a decoder start also passes all ``enc_layers`` encoder layers.
+``ffn_maps``: the encoder layers go through the per-token maps (after they were built; building them is
+:func:`ffn_map_build_flops`, once per forward cache and layer).
 
-``ffn_maps=True`` counts the encoder FFN through the per-token maps (after they were built; building them
-is :func:`ffn_map_build_flops`, once per forward cache and layer).
+Keep in step with ``lrp_ray/lrp/propagate.py`` and ``rules.py``: ``tests/test_benchmarks_smoke.py`` checks
+the count against FlopCounterMode.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+KEYS = ("ffn", "attn_proj", "attn_pv", "token_dots", "gemv", "ends")
+
 
 def _encoder_layer(B: int, T: int, d: int, dff: int, N: int, ffn_maps: bool) -> dict[str, int]:
     btn = B * T * N
-    terms = {
-        "ffn": 2 * btn * d * d if ffn_maps else 2 * 2 * btn * d * dff,
-        "attn_proj": 2 * 2 * btn * d * d,         # out_proj and value projection
-        "attn_pv": 2 * B * N * d * T * T,         # g_o^T @ P per head, all heads: N*d x T x T
-        # bias / shift relevance (ln2, b2, ln1, bo, bv): einsum sums g over tokens first, then B x N x d;
-        # the hidden bias b1 likewise (N x dff), or through the maps' bias vectors (BTNd); the profile point
-        "vector": 5 * 2 * B * N * d + (2 * btn * d if ffn_maps else 2 * B * N * dff) + 2 * btn * d,
-    }
-    return terms
+    if ffn_maps:  # g @ E_t, the bias vector c_t per token; then the attention part
+        return {"ffn": 2 * btn * d * d, "attn_proj": 2 * 2 * btn * d * d, "attn_pv": 2 * B * N * d * T * T,
+                "token_dots": 2 * 2 * btn * d,                   # c_t . g and the profile point
+                "gemv": 2 * 2 * btn * d}                         # bo, bv
+    return {"ffn": 2 * 2 * btn * d * dff, "attn_proj": 2 * 2 * btn * d * d, "attn_pv": 2 * B * N * d * T * T,
+            "token_dots": 2 * btn * d,                           # the profile point
+            "gemv": 5 * 2 * btn * d + 2 * btn * dff}             # ln2, b2, ln1, bo, bv; b1
 
 
 def _decoder_layer(B: int, T: int, Q: int, d: int, dff: int, N: int) -> dict[str, int]:
-    bqn = B * Q * N
-    btn = B * T * N
-    return {
-        "ffn": 2 * 2 * bqn * d * dff,
-        "attn_proj": 2 * 3 * bqn * d * d + 2 * btn * d * d,   # self wo, wv, cross wo; cross wv on memory
-        "attn_pv": 2 * B * N * d * Q * T + 2 * B * N * d * Q * Q,
-        # bias / shift relevance (ln3, b2, ln2, cross bo/bv, ln1, self bo/bv: B x N x d each after the token
-        # sum, b1: B x N x dff); the profile points of the query stream and of the memory
-        "vector": 8 * 2 * B * N * d + 2 * B * N * dff + 2 * bqn * d + 2 * btn * d,
-    }
+    bqn, btn = B * Q * N, B * T * N
+    return {"ffn": 2 * 2 * bqn * d * dff,
+            "attn_proj": 3 * 2 * bqn * d * d + 2 * btn * d * d,  # self wo, wv, cross wo; cross wv (memory)
+            "attn_pv": 2 * B * N * d * Q * T + 2 * B * N * d * Q * Q,
+            "token_dots": 2 * bqn * d + 2 * btn * d,             # profile: query stream and memory
+            # ln3, b2, ln2, cross bo, ln1, self bo, self bv; b1; cross bv (memory)
+            "gemv": 7 * 2 * bqn * d + 2 * bqn * dff + 2 * btn * d}
 
 
 def propagation_flops(B: int, T: int, d: int, dff: int, H: int, N: int, layers: int, *,
@@ -51,39 +57,38 @@ def propagation_flops(B: int, T: int, d: int, dff: int, H: int, N: int, layers: 
                       detail: bool = False) -> Any:
     """Matmul FLOPs of one propagation of N targets from ``module`` through ``layers`` layers.
 
-    Returns an int, or with ``detail`` a dict of terms (``ffn``, ``attn_proj``, ``attn_pv``, ``vector``,
-    ``ends``) plus ``total``. H only has to divide d: per-head products add up to the full-width cost.
+    Returns the total (an int), or with ``detail`` a dict of :data:`KEYS` plus ``total`` and
+    ``counted_equiv`` (what FlopCounterMode counts). H only has to divide d: the per-head products add up
+    to the full-width cost.
     """
     if d % H:
         raise ValueError(f"d ({d}) must be divisible by H ({H})")
     if module not in ("encoder", "decoder"):
         raise ValueError(f"module must be encoder or decoder, got {module!r}")
-    out = {"ffn": 0, "attn_proj": 0, "attn_pv": 0, "vector": 0}
+    out = dict.fromkeys(KEYS, 0)
     if module == "decoder":
         for _ in range(layers):
             for k, v in _decoder_layer(B, T, Q, d, dff, N).items():
                 out[k] += v
-        n_enc = enc_layers
-        start_rows = Q
+        n_enc, start_rows = enc_layers, Q
     else:
-        n_enc = layers
-        start_rows = T
+        n_enc, start_rows = layers, T
     for _ in range(n_enc):
         for k, v in _encoder_layer(B, T, d, dff, N, ffn_maps).items():
             out[k] += v
-    # target relevance at the start, token map and channel relevance at the encoder input
-    out["ends"] = 2 * B * start_rows * N * d + 2 * 2 * B * T * N * d
-    out["total"] = sum(out.values())
+    out["ends"] = 2 * B * start_rows * N * d + 2 * B * T * N * d   # target relevance, token maps
+    out["total"] = sum(out[k] for k in KEYS)
+    out["counted_equiv"] = out["total"] - out["gemv"]
     return out if detail else out["total"]
 
 
 def ffn_map_build_flops(B: int, T: int, d: int, dff: int, layers: int) -> int:
-    """FLOPs of building the per-token FFN maps of ``layers`` encoder layers (once per cache)."""
-    return layers * (2 * B * T * d * dff * d + 2 * B * T * dff * d)
+    """FLOPs of building the per-token folded maps of ``layers`` encoder layers (once per cache)."""
+    return layers * (2 * B * T * d * dff * d + 2 * B * T * dff * d + 2 * B * T * d * d)
 
 
 def shapes_of(engine: Any, cache: Any) -> dict[str, int]:
-    """B, T, d, dff, H, Q, enc_layers, dec_layers of an engine's forward cache."""
+    """B, T, d, dff, H, Q, enc_layers, dec_layers of a forward cache."""
     m = cache.meta
     gh, gw = m["grid"]
     return {"B": int(cache.batch_size), "T": int(gh * gw), "d": int(m["hidden_dim"]), "dff": int(m["dim_ff"]),
@@ -100,51 +105,59 @@ def counted_flops(fn: Any) -> int:
     return int(counter.get_total_flops())
 
 
-def cross_check(engine: Any, cache: Any, layer: int = 1, features: int = 4, queries: str = "top1") -> list[dict]:
-    """Analytic count vs ``FlopCounterMode`` for encoder (direct and through FFN maps) and decoder targets.
+def maps_layers(cache: Any) -> int:
+    """Encoder layers of this cache with per-token maps built (the engine's derived data)."""
+    keys = getattr(cache, "derived", {})
+    return sum(1 for k in keys if isinstance(k, tuple) and k and k[0] in ("enc", "ffn"))
 
-    ``engine`` should run with ``ffn_maps=False`` for the direct rows; the maps row builds the maps into a
-    copy of the cache first (through the engine's own helper) and counts one call that uses them.
+
+def cross_check(engine: Any, cache: Any, layer: int = 1, features: int = 4,
+                queries: str = "top1") -> list[dict]:
+    """Analytic count (``counted_equiv``) vs ``FlopCounterMode`` for encoder and decoder targets, directly and
+    through the per-token maps. ``engine`` must run with ``ffn_maps=False``; the maps row builds them with
+    an engine of the default config on the same model first (that call is not counted).
     """
     s = shapes_of(engine, cache)
     feats = list(range(features))
-    rows = []
     base = dict(B=s["B"], T=s["T"], d=s["d"], dff=s["dff"], H=s["H"], Q=s["Q"], enc_layers=s["enc_layers"])
-    cache.derived.clear() if hasattr(cache, "derived") else None
-    got = counted_flops(lambda: engine.relevance(cache, "encoder", layer, feats, chunk=features))
-    used_maps = _has_maps(cache)
-    want = propagation_flops(N=features, layers=layer + 1, module="encoder", ffn_maps=used_maps, **base)
-    if used_maps:
-        want += ffn_map_build_flops(s["B"], s["T"], s["d"], s["dff"], layer + 1)
-    rows.append({"case": f"encoder layer {layer}, N={features}" + (" (maps built)" if used_maps else ""),
-                 "analytic": want, "counted": got})
     r = int(queries[3:]) if queries.startswith("top") else s["Q"]
-    got = counted_flops(lambda: engine.relevance(cache, "decoder", layer, feats, queries=queries,
-                                                 chunk=features))
-    used_maps = _has_maps(cache)
-    want = propagation_flops(N=features * r, layers=layer + 1, module="decoder", ffn_maps=used_maps, **base)
-    rows.append({"case": f"decoder layer {layer}, N={features}x{queries}", "analytic": want, "counted": got})
-    # steady state through FFN maps: build them with the engine's helper, then count one call
-    try:
-        from lrp_ray.lrp.rules import ffn_token_maps
+    rows = []
 
-        eps = engine.rules.epsilon
-        for i in range(layer + 1):
-            cache.derived[("ffn", i, eps)] = ffn_token_maps(cache[f"enc.{i}.u"], engine.weights.encoder[i].ffn,
-                                                            eps)
-        got = counted_flops(lambda: engine.relevance(cache, "encoder", layer, feats, chunk=features))
-        want = propagation_flops(N=features, layers=layer + 1, module="encoder", ffn_maps=True, **base)
-        rows.append({"case": f"encoder layer {layer}, N={features}, FFN maps", "analytic": want, "counted": got})
-    except Exception as exc:  # the engine's map layout changed: report, do not fail the others
-        rows.append({"case": "encoder FFN maps", "error": f"{type(exc).__name__}: {exc}"})
+    def row(case: str, fn: Any, want: int) -> None:
+        try:
+            got = counted_flops(fn)
+            rows.append({"case": case, "analytic": want, "counted": got,
+                         "rel_diff": abs(want - got) / max(1, got)})
+        except Exception as exc:  # report, do not lose the other rows
+            rows.append({"case": case, "analytic": want, "error": f"{type(exc).__name__}: {exc}"})
+
+    def want(n: int, module: str, ffn_maps: bool = False) -> int:
+        return propagation_flops(N=n, layers=layer + 1, module=module, ffn_maps=ffn_maps, detail=True,
+                                 **base)["counted_equiv"]
+
+    cache.derived.clear()
+    row(f"encoder layer {layer}, N={features}",
+        lambda: engine.relevance(cache, "encoder", layer, feats, chunk=features), want(features, "encoder"))
+    row(f"decoder layer {layer}, N={features}x{queries}",
+        lambda: engine.relevance(cache, "decoder", layer, feats, queries=queries, chunk=features),
+        want(features * r, "decoder"))
+    try:  # build the maps the way the engine does when many targets use a layer
+        from lrp_ray.lrp import EngineConfig, LrpEngine
+
+        cfg = engine.config
+        mapper = LrpEngine(engine.parts, EngineConfig(rules=cfg.rules, epsilon=cfg.epsilon,
+                                                      precision=cfg.precision, device=str(engine.device)))
+        row(f"encoder layer {layer}, N={s['d']}: builds the per-token maps, then uses them",
+            lambda: mapper.relevance(cache, "encoder", layer, list(range(s["d"])), chunk=s["d"]),
+            ffn_map_build_flops(s["B"], s["T"], s["d"], s["dff"], layer + 1) + want(s["d"], "encoder", True))
+        built = maps_layers(cache)
+        row(f"encoder layer {layer}, N={features}, per-token maps ({built} layers built)",
+            lambda: mapper.relevance(cache, "encoder", layer, feats, chunk=features),
+            want(features, "encoder", built > 0))
+    except Exception as exc:
+        rows.append({"case": "per-token maps", "error": f"{type(exc).__name__}: {exc}"})
     finally:
-        if hasattr(cache, "derived"):
-            cache.derived.clear()
-    for row in rows:
-        if "counted" in row:
-            row["rel_diff"] = abs(row["analytic"] - row["counted"]) / max(1, row["counted"])
+        cache.derived.clear()
+        if hasattr(cache, "usage"):
+            cache.usage.clear()
     return rows
-
-
-def _has_maps(cache: Any) -> bool:
-    return any(isinstance(k, tuple) and k and k[0] == "ffn" for k in getattr(cache, "derived", {}))
