@@ -349,6 +349,13 @@ def run_summary(run: CliRun) -> dict[str, Any]:
     sweep_s = (split.get("sweep") or {}).get("s")
     peak = m.get("peak_memory") or {}
     actors = peak.get("actors") or {}
+    # steady state: maps of the items after the first one, over the time from the first to the last item
+    r = decoder_targets_per_feature(m)
+    items = log["items"]
+    steady = None
+    if len(items) >= 3 and items[-1]["t"] > items[0]["t"]:
+        n = sum(it["images"] * it["features"] * (r if it["module"] == "decoder" else 1) for it in items[1:])
+        steady = n / (items[-1]["t"] - items[0]["t"])
     return {
         "argv": run.argv[1:], "rc": run.rc,
         "status": m.get("status"), "timed_out": run.timed_out, "wall_s": run.wall_s,
@@ -357,6 +364,8 @@ def run_summary(run: CliRun) -> dict[str, Any]:
         "maps_total": (m.get("counts") or {}).get("maps_total"),
         "maps_per_s_wall": maps / run.wall_s if run.wall_s else None,
         "maps_per_s_sweep": maps / sweep_s if sweep_s else None,
+        "maps_per_s_steady": steady,
+        "t_first_item_s": items[0]["t"] if items else None,
         "counts": m.get("counts"), "forward_passes": m.get("forward_passes"), "cache": m.get("cache"),
         "timings_manifest": m.get("timings"), "split": split,
         "peak_rss": {"driver": peak.get("driver_rss"),
@@ -485,12 +494,14 @@ def main(argv: list[str] | None = None) -> dict:
     lines = ["### Sweep end to end through the CLI (CPU)", "",
              f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, {info['date']}  ",
              f"Command: `{cmd.strip()}`  ",
+             "maps/s: sweep = maps / manifest timings.sweep (actor start-up included); steady = first to "
+             "last finished work item; wall = the CLI process, start to exit.  ",
              "Split: seconds; `~` = derived from the CLI's log lines, n/a = not in the manifest (see JSON "
              "`split` notes).", "",
-             "| case | actors x threads | rc | maps | wall s | sweep s | maps/s (sweep) | maps/s (wall) "
-             "| Ray start | model load | image decode | forward | propagation | writing "
+             "| case | actors x threads | rc | maps | wall s | sweep s | maps/s sweep | maps/s steady "
+             "| maps/s wall | Ray start | model load | image decode | forward | propagation | writing "
              "| peak RSS GB driver/actor |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         sweep = (r["split"].get("sweep") or {}).get("s")
         actors_rss = [v for v in (r["peak_rss"]["actors"] or {}).values() if v]
@@ -498,7 +509,8 @@ def main(argv: list[str] | None = None) -> dict:
         lines.append(
             f"| {r['case']} | {r['actors']} x {r['threads_per_actor']} | {r['rc']} | {r['maps']} "
             f"| {r['wall_s']:.1f} | {'n/a' if sweep is None else f'{sweep:.1f}'} "
-            f"| {_fmt(r['maps_per_s_sweep'])} | {_fmt(r['maps_per_s_wall'])} | "
+            f"| {_fmt(r['maps_per_s_sweep'])} | {_fmt(r['maps_per_s_steady'])} "
+            f"| {_fmt(r['maps_per_s_wall'])} | "
             + " | ".join(split_cells(r["split"]))
             + f" | {_gb(drv)}/{_gb(max(actors_rss) if actors_rss else None)} |")
     lines += ["", "Cases: " + "; ".join(sorted({f"{r['case']}: {r['what']}" for r in rows}))]

@@ -424,8 +424,9 @@ def part_baselines(ctx: Ctx) -> tuple[dict, str]:
     eng = LrpEngine(model, EngineConfig(epsilon=0.0, device=dev, memory_budget_bytes=1 << 42))
     eng_ref = LrpEngine(model, EngineConfig(epsilon=0.0, device=dev))
     chunk = min(a.engine_chunk, d)
-    warm = eng.forward(preprocess(imgs[:1], model.cfg))
-    eng.relevance(warm, "encoder", layer, feats[:4], chunk=4)  # warm-up (allocator, kernels)
+    batch1 = preprocess(imgs[:1], model.cfg)   # (outside the device context below: preprocess makes tensors)
+    warm = eng.forward(batch1)
+    eng.relevance(warm, "encoder", layer, feats, chunk=chunk)  # warm-up (allocator, kernels, maps build)
     del warm
     free(ctx)
     ctx.reset_peak()
@@ -442,7 +443,7 @@ def part_baselines(ctx: Ctx) -> tuple[dict, str]:
     free(ctx)
     log(f"  engine: {t_eng:.2f}s for {d} features x {nimg} images (forward {t_fwd:.2f}s)")
     with torch.device(dev):  # the baselines build their tensors without naming a device
-        seed_way(eng_ref, model, preprocess(imgs[:1], model.cfg), layer, feats[:1])  # warm-up
+        seed_way(eng_ref, model, batch1, layer, feats[:1])  # warm-up
         ctx.reset_peak()
         ctx.sync()
         t = time.perf_counter()
@@ -453,7 +454,7 @@ def part_baselines(ctx: Ctx) -> tuple[dict, str]:
         seed_maps = seed_maps.detach().float().cpu()
         free(ctx)
         log(f"  seed way: {t_seed:.3f}s per feature ({n_seed} timed)")
-        batched_autograd(eng_ref, preprocess(imgs[:1], model.cfg), layer, feats[:2], chunk=2)  # warm-up
+        batched_autograd(eng_ref, batch1, layer, feats[:2], chunk=2)  # warm-up
         ctx.reset_peak()
         ctx.sync()
         t = time.perf_counter()
@@ -576,30 +577,35 @@ def part_sweep(ctx: Ctx) -> tuple[dict, str]:
     if run.rc not in (0, 1, 130):
         log("\n".join("  | " + ln for ln in s["log_tail"]))
     total = s["maps_total"]
-    rate = s["maps_per_s_sweep"] or s["maps_per_s_wall"]
     complete = s["status"] == "complete"
     projected = None
-    if not complete and rate and total:
-        startup = (s["split"].get("ray_start") or {}).get("s") or 0.0
-        projected = startup + total / rate
+    if not complete and total:  # start-up until the first item, then the rest at the steady rate
+        if s["maps_per_s_steady"] and s["t_first_item_s"] is not None:
+            projected = s["t_first_item_s"] + total / s["maps_per_s_steady"]
+        elif s["maps_per_s_sweep"] or s["maps_per_s_wall"]:
+            projected = total / (s["maps_per_s_sweep"] or s["maps_per_s_wall"])
+    s["sweep_status"] = s.pop("status")
     res = {"images": n_img, "height": h, "width": w, "spec": a.sweep_spec, "cli": cli, "work": str(work),
            "image_generation_s": t_gen, "complete": complete, "projected_total_s": projected, **s}
     what = "tiny DETR" if ctx.smoke else "DETR-R50, 800x1333 test size"
     stopped = " (time budget reached: interrupted, resumable)" if run.timed_out else ""
     md = ["### 4. Thesis sweep through the CLI on " + device, "",
           f"`python -m lrp_ray.sweep --spec {a.sweep_spec}` with a generated config + random weights "
-          f"({what}), {n_img} generated images {h}x{w}; rc {run.rc}, status {s['status']}{stopped}.",
-          "", "| maps | of | wall s | sweep s | maps/s (sweep) | maps/s (wall) | projected total s | "
-          + " | ".join(SPLIT_COLUMNS) + " | actor peak GPU GB |",
-          "|---|---|---|---|---|---|---|" + "---|" * len(SPLIT_COLUMNS) + "---|"]
+          f"({what}), {n_img} generated images {h}x{w}; rc {run.rc}, status {s['sweep_status']}{stopped}.",
+          "", "| maps | of | wall s | sweep s | maps/s (sweep) | maps/s (steady) | maps/s (wall) "
+          "| projected total s | " + " | ".join(SPLIT_COLUMNS) + " | actor peak GPU GB |",
+          "|---|---|---|---|---|---|---|---|" + "---|" * len(SPLIT_COLUMNS) + "---|"]
     sweep_s = (s["split"].get("sweep") or {}).get("s")
     dev_peaks = [v for v in (s["peak_rss"]["actors_device"] or {}).values() if v]
     md.append(f"| {s['maps']} | {fmt(total)} | {s['wall_s']:.1f} | {fmt(sweep_s, '.1f')} "
-              f"| {fmt(s['maps_per_s_sweep'], '.0f')} | {fmt(s['maps_per_s_wall'], '.0f')} "
+              f"| {fmt(s['maps_per_s_sweep'], '.0f')} | {fmt(s['maps_per_s_steady'], '.0f')} "
+              f"| {fmt(s['maps_per_s_wall'], '.0f')} "
               f"| {fmt(projected, '.0f')} | " + " | ".join(split_cells(s["split"]))
               + f" | {fmt(max(dev_peaks) / 1e9 if dev_peaks else None, '.1f')} |")
-    md += ["", "Split in seconds: `~` derived from the CLI's log lines, n/a not in the manifest "
-               "(JSON `split` has notes)."]
+    md += ["", "maps/s: sweep = maps / manifest timings.sweep (actor start-up included); steady = from the "
+               "first to the last finished work item; wall = the CLI process. Projected total (when stopped "
+               "by the budget): time to the first item + all maps at the steady rate. Split in seconds: `~` "
+               "derived from the CLI's log lines, n/a not in the manifest (JSON `split` has notes)."]
     if not a.work and complete:
         import shutil
 
@@ -703,9 +709,9 @@ def main(argv: list[str] | None = None) -> int:
             free(ctx)
         status["seconds"] = time.perf_counter() - t
         statuses[name] = status
-        full = {"part": name, **status, "machine": info, "smoke": ctx.smoke,
+        full = {"part": name, "machine": info, "smoke": ctx.smoke,
                 "argv": sys.argv[1:] if argv is None else argv, "elapsed_s": ctx.elapsed(),
-                "budget_s": args.budget, **payload}
+                "budget_s": args.budget, **payload, **status}
         try:
             write_part(ctx, name, full, md)
         except Exception as exc:  # keep going: the other parts may still be written
