@@ -1,6 +1,6 @@
 """Train the demo DETR on generated scenes (deterministic, CPU, minutes).
 
-    python -m lrp_ray.demo.train --out lrp_ray/assets/demo [--steps 9000] [--batch 8] [--threads 2]
+    python -m lrp_ray.demo.train --out lrp_ray/assets/demo [--steps 5000] [--batch 8] [--threads 2]
 
 The model is the package's own ``DETR`` built by ``lrp_ray.models.build_model`` from the detectron2-style
 YAML ``demo_config()`` writes to ``OUT/config.yaml``; the checkpoint is written in detectron2's layout,
@@ -148,7 +148,7 @@ def train(model: nn.Module,
           forward_layers: Callable[[nn.Module, list[Scene]], tuple[list[Tensor], list[Tensor]]],
           evaluate: Callable[[nn.Module], dict[str, float]], *, steps: int, batch: int, lr: float,
           backbone_lr: float, weight_decay: float = 1e-4, clip: float = 0.1, warmup: int = 300,
-          eval_every: int = 500, log: Callable[[str], None] = print,
+          eval_every: int = 500, precise_bn_batches: int = 50, log: Callable[[str], None] = print,
           backbone_prefix: str = "backbone.") -> tuple[nn.Module, dict]:
     """Generic DETR training loop.
 
@@ -196,7 +196,7 @@ def train(model: nn.Module,
             run = {"loss": 0.0, "ce": 0.0, "l1": 0.0, "giou": 0.0, "n": 0}
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             if step + 1 == steps:
-                precise_bn(model, lambda m, s: forward_layers(m, s), stream, 50)
+                precise_bn(model, lambda m, s: forward_layers(m, s), stream, precise_bn_batches)
             frozen = freeze_batchnorm(model, swapped)
             metrics = evaluate(frozen)
             history["evals"].append({"step": step + 1, "seconds": round(time.time() - t0, 1), **metrics})
@@ -232,13 +232,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lrp_ray.demo.train", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="lrp_ray/assets/demo",
                     help="output folder (config.yaml, model_final.pth)")
-    ap.add_argument("--steps", type=int, default=9000)
+    ap.add_argument("--steps", type=int, default=5000)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--backbone-lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--backbone-lr", type=float, default=1.5e-4)
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--val", type=int, default=200, help="validation scenes (model selection)")
     ap.add_argument("--test", type=int, default=500, help="held-out test scenes (reported AP50)")
+    ap.add_argument("--precise-bn", type=int, default=50,
+                    help="training batches to re-estimate BatchNorm statistics before the last evaluation")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -262,17 +264,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_f.write(msg + "\n")
         log_f.flush()
 
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     best, hist = train(model, lambda m, s: modelio.forward_layers(m, cfg, s),
                        lambda m: evaluate_model(m, cfg, scenes=val), steps=args.steps, batch=args.batch,
-                       lr=args.lr, backbone_lr=args.backbone_lr, eval_every=args.eval_every, log=log)
-    wall = time.time() - t0
+                       lr=args.lr, backbone_lr=args.backbone_lr, eval_every=args.eval_every,
+                       precise_bn_batches=args.precise_bn, log=log)
+    wall, cpu = time.time() - t0, time.process_time() - c0
     size = modelio.save_detectron2(best, out / "model_final.pth")
     test = evaluate_model(best, cfg, n=args.test, start=HELDOUT_START)
     log(f"test ({args.test} held-out scenes from {HELDOUT_START}): {json.dumps(test)}")
     cmd = "python -m lrp_ray.demo.train " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {"command": cmd,
-            "args": vars(args), "train_wall_seconds": round(wall, 1), "checkpoint_bytes": size,
+            "args": vars(args), "train_wall_seconds": round(wall, 1),
+            "train_cpu_seconds": round(cpu, 1), "threads": torch.get_num_threads(), "checkpoint_bytes": size,
             "test": test, "test_scenes": [HELDOUT_START, HELDOUT_START + args.test],
             "torch": torch.__version__, "machine": platform.machine(), "cpu_count": os.cpu_count(),
             **{k: v for k, v in hist.items() if k != "losses"}}

@@ -330,7 +330,7 @@ def build_report(out_dir: str | Path, html_path: str | Path | None = None, top: 
             v, default=str)) <= 300]
         parts.append(_kv_table(flat))
         parts.append("<details><summary>manifest.json</summary><pre>"
-                     + _esc(json.dumps(manifest, indent=2, default=str)) + "</pre></details>")
+                     + _esc(json.dumps(_truncated(manifest), indent=2, default=str)) + "</pre></details>")
     else:
         parts.append('<p class="muted">no manifest.json</p>')
     header, rows, total = _read_csv(out / "summary.csv", limit=200)
@@ -346,6 +346,7 @@ def build_report(out_dir: str | Path, html_path: str | Path | None = None, top: 
     parts.append("<h3>Layers</h3>" + _kv_table(layer_rows))
 
     image_cache: dict[str, np.ndarray | None] = {}
+    input_size, stride = _input_geometry(manifest)
     n_missing = 0
     for key in sorted(stats):
         st = stats[key]
@@ -381,8 +382,13 @@ def build_report(out_dir: str | Path, html_path: str | Path | None = None, top: 
                 if img is None:
                     n_missing += 1
                     img = np.full((r.image_hw[0], r.image_hw[1], 3), 200, dtype=np.uint8)
+                input_hw = None
+                if input_size is not None and img.shape[:2] == r.image_hw:
+                    from lrp_ray.models.preprocess import resize_shape
+
+                    input_hw = resize_shape(r.image_hw[0], r.image_hw[1], *input_size)
                 png = render_overlay(img, r.token_map, row_title(r).split("\n")[0].split(" | ")[1],
-                                     width_px=thumb_px)
+                                     width_px=thumb_px, input_hw=input_hw, stride=stride)
                 q = "" if r.query is None else f", query {r.query}"
                 parts.append(f'<figure><img alt="{_esc(r.image)}" src="{_bytes_uri(png)}">'
                              f"<figcaption>{_esc(r.image)}{_esc(q)}</figcaption></figure>")
@@ -400,6 +406,27 @@ def build_report(out_dir: str | Path, html_path: str | Path | None = None, top: 
     tmp.write_text(doc, encoding="utf-8")
     tmp.replace(html_path)
     return html_path
+
+
+def _input_geometry(manifest: dict[str, Any]) -> tuple[tuple[int, int] | None, int | None]:
+    """(min_size_test, max_size_test) and the backbone stride, if the manifest records the model config."""
+    mn = _find_key(manifest, "min_size_test") or _find_key(manifest, "MIN_SIZE_TEST")
+    mx = _find_key(manifest, "max_size_test") or _find_key(manifest, "MAX_SIZE_TEST")
+    dil = _find_key(manifest, "res5_dilation") or _find_key(manifest, "RES5_DILATION") or 1
+    try:
+        return (int(mn), int(mx)), (16 if int(dil) == 2 else 32)
+    except (TypeError, ValueError):
+        return None, None
+
+
+def _truncated(obj: Any, max_items: int = 40) -> Any:
+    """A copy of a JSON structure with long lists cut (for display)."""
+    if isinstance(obj, dict):
+        return {k: _truncated(v, max_items) for k, v in obj.items()}
+    if isinstance(obj, list):
+        head = [_truncated(v, max_items) for v in obj[:max_items]]
+        return head + ([f"... {len(obj) - max_items} more"] if len(obj) > max_items else [])
+    return obj
 
 
 def _images_root(manifest: dict[str, Any], out: Path) -> Path:
