@@ -233,3 +233,20 @@ def test_ffn_maps_are_built_once_enough_targets_used_a_cache():
     again = eng.relevance(cache, "encoder", 1, range(10))
     assert _rel_err(again.token_maps, first.token_maps) <= 1e-9
     assert second.token_maps.shape == first.token_maps.shape
+
+
+def test_ffn_maps_respect_their_memory_budget():
+    parts = tiny_detr()
+    src, pos, mask = token_inputs(32, SIZES)
+    from lrp_ray.lrp.propagate import token_maps_nbytes
+
+    probe = _engine(parts).forward_tokens(src, pos, mask)
+    one_layer = token_maps_nbytes(probe)
+    eng = LrpEngine(parts, EngineConfig(epsilon=0.0, precision="fp64", device="cpu",
+                                        maps_budget_bytes=2 * one_layer))
+    cache = eng.forward_tokens(src, pos, mask)
+    res = eng.relevance(cache, "encoder", 2, range(20))
+    assert len(cache.derived) == 2 and cache.derived_nbytes <= 2 * one_layer
+    ref = LrpEngine(parts, EngineConfig(epsilon=0.0, precision="fp64", device="cpu", ffn_maps=False))
+    base = ref.relevance(ref.forward_tokens(src, pos, mask), "encoder", 2, range(20))
+    assert _rel_err(res.token_maps, base.token_maps) <= 1e-9

@@ -34,7 +34,9 @@ class EngineConfig:
     compile: bool = False
     memory_budget_bytes: int = 1 << 30
     ffn_maps: bool = True
-    """Build per-token FFN maps when a call has many targets (see ``rules.ffn_token_maps``)."""
+    """Fold encoder layers into per-token maps once many targets use a cache (``encoder_token_maps``)."""
+    maps_budget_bytes: int | None = None
+    """Bytes of per-token maps kept per cache; None: 2 GiB on CPU, a quarter of the GPU's memory."""
 
     def __post_init__(self) -> None:
         RuleSet(self.rules, self.epsilon)
@@ -81,6 +83,12 @@ class LrpEngine:
         module = getattr(self.parts, "module", None)
         if isinstance(module, torch.nn.Module):
             module.to(self.device).eval()
+        budget = self.config.maps_budget_bytes
+        if budget is None:
+            budget = 2 << 30
+            if self.device.type == "cuda":
+                budget = torch.cuda.get_device_properties(self.device).total_memory // 4
+        self.maps_budget = int(budget)
         self._propagate = propagate
         if self.config.compile:
             self._propagate = torch.compile(propagate, dynamic=True)
@@ -231,7 +239,7 @@ class LrpEngine:
             act_sum = act_max = act_mean = act
         ledger = Ledger(acc)
         target = ledger.rel(y, g)
-        g = self._propagate(cache, w, self.rules, module, layer, g, ledger, maps_after)
+        g = self._propagate(cache, w, self.rules, module, layer, g, ledger, maps_after, self.maps_budget)
         x0 = cache["enc.x.0"].to(acc)
         g = g.to(acc)
         token = token_dot(g, x0).transpose(1, 2)                              # [B,N,T]

@@ -161,8 +161,14 @@ def _encoder_attention_back(g: Tensor, i: int, c: ForwardCache, w: TransformerWe
     return gx
 
 
+def token_maps_nbytes(c: ForwardCache) -> int:
+    """Bytes of one encoder layer's folded per-token maps for this cache."""
+    b, t, d = c["enc.x.0"].shape
+    return b * t * (d * d + d) * c["enc.0.u"].element_size()
+
+
 def encoder_layer_back(g: Tensor, i: int, c: ForwardCache, w: TransformerWeights, rules: RuleSet,
-                       ledger: Ledger, maps_after: int | None = None) -> Tensor:
+                       ledger: Ledger, maps_after: int | None = None, maps_budget: int = 1 << 62) -> Tensor:
     """g at the output of encoder layer ``i`` -> g at its input.
 
     Once ``maps_after`` targets have used this layer of this cache, the per-token part goes through
@@ -170,7 +176,8 @@ def encoder_layer_back(g: Tensor, i: int, c: ForwardCache, w: TransformerWeights
     """
     eps = rules.epsilon
     key = ("enc", i, eps)
-    if key in c.derived or (maps_after is not None and c.usage.get(("enc", i), 0) >= maps_after):
+    if key in c.derived or (maps_after is not None and c.usage.get(("enc", i), 0) >= maps_after
+                            and c.derived_nbytes + token_maps_nbytes(c) <= maps_budget):
         if key not in c.derived:
             c.derived[key] = encoder_token_maps(c, i, w, eps)
         e, cvec = c.derived[key]
@@ -272,11 +279,12 @@ def decoder_layer_back(g: Tensor, g_mem: Tensor, j: int, c: ForwardCache, w: Tra
 
 
 def propagate(c: ForwardCache, w: TransformerWeights, rules: RuleSet, module: str, layer: int,
-              g: Tensor, ledger: Ledger, maps_after: int | None = None) -> Tensor:
+              g: Tensor, ledger: Ledger, maps_after: int | None = None, maps_budget: int = 1 << 62) -> Tensor:
     """Propagate ``g`` from the output of ``module`` layer ``layer`` to the encoder input tokens.
 
     ``maps_after``: route an encoder FFN through per-token maps once that many targets have used the
-    layer of this cache (building them costs about as much as ``hidden_dim / 2`` direct targets).
+    layer of this cache (building them costs about as much as ``hidden_dim / 2`` direct targets), as
+    long as the cache's derived data stays within ``maps_budget`` bytes.
     """
     if module == "decoder":
         mem = memory_of(c, w)
@@ -295,7 +303,7 @@ def propagate(c: ForwardCache, w: TransformerWeights, rules: RuleSet, module: st
     else:
         top = layer
     for i in range(top, -1, -1):
-        g = encoder_layer_back(g, i, c, w, rules, ledger, maps_after)
+        g = encoder_layer_back(g, i, c, w, rules, ledger, maps_after, maps_budget)
         ledger.record(f"encoder.{i}.in", ledger.rel(c[f"enc.x.{i}"], g))
     return g
 
