@@ -296,10 +296,12 @@ def timing_split(run: CliRun) -> dict[str, dict[str, Any]]:
         total_items = sum(it["seconds"] for it in items)
         if fwd is None:
             fwd = {"s": f_est, "source": "log",
-                   "note": "estimate: forward-source items minus the median cache-hit item of the same shape"}
+                   "note": "estimate: forward-source items minus the median cache-hit item of the same shape "
+                           "(actor-seconds, summed over actors)"}
         if prop is None:
             prop = {"s": total_items - f_est, "source": "log",
-                    "note": "sum of item seconds (incl. result -> Arrow table) minus the forward estimate"}
+                    "note": "sum of item seconds (incl. result -> Arrow table) minus the forward estimate "
+                            "(actor-seconds, summed over actors: can exceed the wall time)"}
     split["forward"] = fwd or {"s": None, "source": "missing", "note": "no item log lines"}
     split["propagation"] = prop or {"s": None, "source": "missing", "note": "no item log lines"}
     split["writing"] = from_manifest("writing") or {
@@ -497,7 +499,7 @@ def main(argv: list[str] | None = None) -> dict:
              "maps/s: sweep = maps / manifest timings.sweep (actor start-up included); steady = first to "
              "last finished work item; wall = the CLI process, start to exit.  ",
              "Split: seconds; `~` = derived from the CLI's log lines, n/a = not in the manifest (see JSON "
-             "`split` notes).", "",
+             "`split` notes); forward and propagation are actor-seconds (summed over actors).", "",
              "| case | actors x threads | rc | maps | wall s | sweep s | maps/s sweep | maps/s steady "
              "| maps/s wall | Ray start | model load | image decode | forward | propagation | writing "
              "| peak RSS GB driver/actor |",
