@@ -88,15 +88,19 @@ def bench_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def run_cli(cli_args: Sequence[str], out: Path, *, timeout: float | None = None,
-            env: dict[str, str] | None = None, num_gpus: int | None = None, echo: bool = True,
-            on_start: Callable[[subprocess.Popen], None] | None = None, prefix: str = "  | ") -> CliRun:
-    """Run ``python -m lrp_ray.sweep <cli_args> --out OUT --no-progress`` and collect its log and manifest.
+            env: dict[str, str] | None = None, num_gpus: int | None = None, echo: bool | str = True,
+            on_start: Callable[[subprocess.Popen], None] | None = None, prefix: str = "  | ",
+            grace: float = 30.0) -> CliRun:
+    """Run ``python -m lrp_ray.sweep <cli_args> --out OUT`` and collect its log and manifest (its output is a
+    pipe, so the CLI reports progress as a log line every 10 s instead of a bar).
 
     ``num_gpus``: start Ray in a wrapper with that many GPUs declared, then the CLI's ``main``.
+    ``echo``: print the CLI's lines (``"brief"``: all but the per-work-item lines).
     ``timeout``: seconds; then the CLI gets SIGINT (it stops its actors, writes an ``interrupted``
-    manifest and exits 130; finished work stays in OUT), and SIGKILL for its process group 30 s later.
+    manifest and exits 130; finished work stays in OUT), and SIGKILL for its process group 30 s later;
+    a sweep whose work is all done by then (summary and manifest being written) gets ``grace`` s more first.
     """
-    args = [*map(str, cli_args), "--out", str(out), "--no-progress"]
+    args = [*map(str, cli_args), "--out", str(out)]
     if num_gpus is None:
         argv = [sys.executable, "-m", "lrp_ray.sweep", *args]
     else:
@@ -114,7 +118,7 @@ def run_cli(cli_args: Sequence[str], out: Path, *, timeout: float | None = None,
         for line in proc.stdout:
             line = line.rstrip("\n")
             run.lines.append((time.perf_counter() - t0, line))
-            if echo:
+            if echo and not (echo == "brief" and _ITEM.match(line)):
                 print(prefix + line, flush=True)
 
     th = threading.Thread(target=reader, daemon=True)
@@ -122,6 +126,12 @@ def run_cli(cli_args: Sequence[str], out: Path, *, timeout: float | None = None,
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        if _finishing(run.lines):
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+    if proc.poll() is None:
         run.timed_out = True
         print(f"{prefix}(time limit {timeout:.0f}s reached: interrupting the sweep)", flush=True)
         proc.send_signal(signal.SIGINT)
@@ -141,6 +151,14 @@ def run_cli(cli_args: Sequence[str], out: Path, *, timeout: float | None = None,
         except ValueError:
             run.manifest = None
     return run
+
+
+def _finishing(lines: Sequence[tuple[float, str]]) -> bool:
+    """All work items done: only the summary and the manifest are left to write."""
+    for _, line in reversed(lines[-5:]):
+        if line.startswith("status ") or (line.startswith("progress:") and "(100.0%)" in line):
+            return True
+    return False
 
 
 def _kill_group(pgid: int) -> None:

@@ -567,12 +567,14 @@ def part_sweep(ctx: Ctx) -> tuple[dict, str]:
     out = work / "sweep_out"
     timeout = ctx.left() - a.sweep_reserve
     log(f"  python -m lrp_ray.sweep {' '.join(cli)} --out {out}   (time limit {timeout:.0f}s)")
-    run = run_cli(cli, out, timeout=timeout, echo=a.echo_sweep)
+    grace = max(0.0, a.sweep_reserve - 15)   # all work done at the limit: let it write summary + manifest
+    run = run_cli(cli, out, timeout=timeout, echo=a.echo_sweep, grace=grace)
     if run.rc == 2 and "has no GPU" in run.text and torch.cuda.is_available():
         timeout = ctx.left() - a.sweep_reserve
         log(f"  Ray found no GPU by itself: again with ray.init(num_gpus={torch.cuda.device_count()}) "
             f"(time limit {timeout:.0f}s)")
-        run = run_cli(cli, out, timeout=timeout, echo=a.echo_sweep, num_gpus=torch.cuda.device_count())
+        run = run_cli(cli, out, timeout=timeout, echo=a.echo_sweep, grace=grace,
+                      num_gpus=torch.cuda.device_count())
     s = run_summary(run)
     if run.rc not in (0, 1, 130):
         log("\n".join("  | " + ln for ln in s["log_tail"]))
@@ -659,8 +661,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 40)")
     g.add_argument("--work", default=None, help="folder for the sweep's images, model and output "
                                                 "(default: a temp folder, deleted when the sweep completed)")
-    g.add_argument("--quiet-sweep", dest="echo_sweep", action="store_false",
-                   help="do not echo the sweep's log")
+    g.add_argument("--quiet-sweep", dest="echo_sweep", action="store_const", const=False, default="brief",
+                   help="do not echo the sweep's log (default: all but its per-work-item lines)")
+    g.add_argument("--verbose-sweep", dest="echo_sweep", action="store_const", const=True,
+                   help="echo every line of the sweep's log")
     return ap
 
 
