@@ -383,6 +383,12 @@ class _Scheduler:
         self.actor_peaks: dict[str, dict] = {}
         self.t_last_progress = time.monotonic()
         self.drop_refs: deque[Any] = deque(maxlen=64)
+        self.t_nodes = time.monotonic()
+        self.node_lost = False
+        try:
+            self.nodes_alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        except Exception:
+            self.nodes_alive = set()
 
     # -------------------------------------------------------------- actors
     def start_actors(self, n: int, options: dict, args: tuple) -> None:
@@ -614,9 +620,9 @@ class _Scheduler:
         self.profile_names.setdefault(f"{it.module}/{it.layer}", payload["profile_names"])
         self.actor_peaks[str(idx)] = {"peak_rss": payload["peak_rss"], "peak_device": payload["peak_device"]}
         self.t_last_progress = time.monotonic()
+        self.log(f"{it.label(self.n_batches)} {payload['seconds']:.2f}s [{src}, actor {idx}]")
         if self.bar is not None:
             self.bar.update(it.n_maps)
-        self.log(f"{it.label(self.n_batches)} {payload['seconds']:.2f}s [{src}, actor {idx}]")
         self.on_event("item_done", uid=uid, done=len(self.done), total=len(self.items), actor=idx)
         if bs.remaining == 0:
             self._close(bs)
@@ -640,9 +646,26 @@ class _Scheduler:
             self._requeue_fresh(uid)
 
     # -------------------------------------------------------------- health
+    def _watch_nodes(self, now: float) -> None:
+        """Notice nodes leaving the cluster (then actors still starting get the normal ping timeout)."""
+        if now - self.t_nodes < 5.0:
+            return
+        self.t_nodes = now
+        try:
+            alive = {n["NodeID"] for n in self.ray.nodes() if n.get("Alive")}
+        except Exception:
+            return
+        lost = self.nodes_alive - alive
+        if lost:
+            self.node_lost = True
+            self.log(f"{len(lost)} node(s) left the cluster")
+        self.nodes_alive = alive
+
     def _health(self, now: float) -> None:
+        """Ping every actor (own concurrency group: answers while busy); move work off silent ones."""
+        self._watch_nodes(now)
         timeout = float(self.spec.ping_timeout_s)
-        startup_timeout = max(10 * timeout, 600.0)
+        startup_timeout = max(10 * timeout, 600.0)  # model shipping, CUDA init, a GPU node booting
         for a in self.actors:
             if a.dead:
                 continue
@@ -651,7 +674,7 @@ class _Scheduler:
                     a.ping_ref = a.handle.ping.remote()
                     a.ping_sent = now
                 continue
-            limit = timeout if a.started else startup_timeout
+            limit = timeout if (a.started or self.node_lost) else startup_timeout
             if a.available and now - a.ping_sent > limit:
                 self._mark_unavailable(a, f"no answer for {now - a.ping_sent:.0f}s")
 
