@@ -96,6 +96,15 @@ def test_rows_forward_count_and_manifest(first_run, tiny_images):
     assert (out / "errors.csv").read_text().strip() == "image,reason"
     summary = pd.read_csv(out / "summary.csv")
     assert len(summary) == 2 * 2 * 6 and (summary.n_images == 5).all()
+    # streamed over the part files (3 batches per partition) = pandas over the whole dataset
+    g = df.groupby(["module", "layer", "feature"])
+    want = pd.DataFrame({"relevance_mean": g.relevance_total.mean(),
+                         "relevance_std": g.relevance_total.std(ddof=0),
+                         "activation_std": g.act_mean.std(ddof=0), "n_rows": g.size()}).reset_index()
+    got = summary.merge(want, on=["module", "layer", "feature"], suffixes=("", "_want"))
+    assert len(got) == len(summary)
+    for col in ("relevance_mean", "relevance_std", "activation_std", "n_rows"):
+        np.testing.assert_allclose(got[col], got[f"{col}_want"], rtol=1e-9, atol=1e-12)
 
 
 def test_resume_skips_finished_work_and_ends_with_the_same_rows(first_run, tiny_images, tmp_path):

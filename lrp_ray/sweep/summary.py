@@ -34,40 +34,87 @@ SUMMARY_COLUMNS = ["module", "layer", "feature", "n_rows", "n_images", "relevanc
 _COLS = ["image", "feature", "act_mean", "act_max", "relevance_total", "input_relevance", "channel_relevance"]
 
 
-def _top_images(df: pd.DataFrame, col: str, k: int = 5) -> str:
-    best = df.groupby("image", sort=False)[col].max().sort_values(ascending=False, kind="stable")
-    return "|".join(best.index[:k].astype(str))
+class _Moments:
+    """Count, mean and M2 per feature, merged chunk by chunk (Chan et al.), for a streaming mean/std."""
+
+    def __init__(self) -> None:
+        self.n = pd.Series(dtype=np.float64)
+        self.mean = pd.Series(dtype=np.float64)
+        self.m2 = pd.Series(dtype=np.float64)
+
+    def add(self, values: pd.Series, keys: pd.Series) -> None:
+        g = values.groupby(keys.values)
+        n_b, mean_b = g.count().astype(np.float64), g.mean()
+        m2_b = g.var(ddof=0).fillna(0.0) * n_b
+        idx = self.n.index.union(n_b.index)
+        n_a = self.n.reindex(idx, fill_value=0.0)
+        mean_a = self.mean.reindex(idx, fill_value=0.0)
+        m2_a = self.m2.reindex(idx, fill_value=0.0)
+        n_b, mean_b, m2_b = (x.reindex(idx, fill_value=0.0) for x in (n_b, mean_b, m2_b))
+        n = n_a + n_b
+        delta = mean_b - mean_a
+        safe_n = n.where(n > 0, 1.0)
+        self.mean = mean_a + delta * n_b / safe_n
+        self.m2 = m2_a + m2_b + delta ** 2 * n_a * n_b / safe_n
+        self.n = n
+
+    def std(self) -> pd.Series:
+        return np.sqrt(self.m2 / self.n.where(self.n > 0, 1.0))
+
+
+def _top(best: pd.Series, feature: int, k: int) -> str:
+    s = best.loc[feature].sort_index().sort_values(ascending=False, kind="stable")
+    return "|".join(s.index[:k].astype(str))
 
 
 def summarize_partition(files: list[Path], module: str, layer: int) -> pd.DataFrame:
-    """Summary rows of one module/layer from its part files."""
-    tables = [pq.read_table(f, columns=_COLS) for f in sorted(files)]
-    if not tables:
+    """Summary rows of one module/layer, reading its part files one at a time (memory: one file)."""
+    moments = {c: _Moments() for c in ("relevance_total", "input_relevance", "act_mean", "act_max")}
+    best_act: list[pd.Series] = []
+    best_rel: list[pd.Series] = []
+    images: dict[int, set] = {}
+    chan_sum: dict[int, np.ndarray] = {}
+    for f in sorted(files):
+        table = pq.read_table(f, columns=_COLS)
+        if table.num_rows == 0:
+            continue
+        chan = table.column("channel_relevance").combine_chunks()
+        width = len(chan[0])
+        flat = chan.flatten().to_numpy(zero_copy_only=False)
+        chan_np = np.asarray(flat, dtype=np.float64).reshape(-1, width)
+        df = table.drop(["channel_relevance"]).to_pandas()
+        for c, m in moments.items():
+            m.add(df[c], df["feature"])
+        best_act.append(df.groupby(["feature", "image"])["act_mean"].max())
+        best_rel.append(df.groupby(["feature", "image"])["input_relevance"].max())
+        for feature, idx in df.groupby("feature").indices.items():
+            feature = int(feature)
+            images.setdefault(feature, set()).update(df["image"].iloc[idx])
+            part = chan_np[idx].sum(0)
+            chan_sum[feature] = part if feature not in chan_sum else chan_sum[feature] + part
+        # keep the per-(feature, image) maxima small as files accumulate
+        best_act = [pd.concat(best_act).groupby(level=[0, 1]).max()]
+        best_rel = [pd.concat(best_rel).groupby(level=[0, 1]).max()]
+    if not chan_sum:
         return pd.DataFrame(columns=SUMMARY_COLUMNS)
-    import pyarrow as pa
-
-    table = pa.concat_tables(tables)
-    chan = table.column("channel_relevance").combine_chunks()
-    width = len(chan[0]) if len(chan) else 0
-    chan_np = np.asarray(chan.flatten().to_numpy(zero_copy_only=False), dtype=np.float64).reshape(-1, width) \
-        if width else np.zeros((len(chan), 0))
-    df = table.drop(["channel_relevance"]).to_pandas()
+    act, rel = best_act[0], best_rel[0]
     rows = []
-    for feature, idx in df.groupby("feature", sort=True).indices.items():
-        g = df.iloc[idx]
-        mean_chan = chan_np[idx].mean(0) if width else np.zeros(0)
-        top_ch = np.argsort(-mean_chan, kind="stable")[:10]
+    for feature in sorted(chan_sum):
+        n = float(moments["act_mean"].n.loc[feature])
+        mean_chan = chan_sum[feature] / n
         rows.append({
-            "module": module, "layer": int(layer), "feature": int(feature), "n_rows": len(g),
-            "n_images": int(g["image"].nunique()),
-            "relevance_mean": g["relevance_total"].mean(), "relevance_std": g["relevance_total"].std(ddof=0),
-            "input_relevance_mean": g["input_relevance"].mean(),
-            "input_relevance_std": g["input_relevance"].std(ddof=0),
-            "activation_mean": g["act_mean"].mean(), "activation_std": g["act_mean"].std(ddof=0),
-            "activation_max_mean": g["act_max"].mean(),
-            "top5_images_by_activation": _top_images(g, "act_mean"),
-            "top5_images_by_relevance": _top_images(g, "input_relevance"),
-            "top10_channels": "|".join(str(int(c)) for c in top_ch),
+            "module": module, "layer": int(layer), "feature": feature, "n_rows": int(n),
+            "n_images": len(images[feature]),
+            "relevance_mean": moments["relevance_total"].mean.loc[feature],
+            "relevance_std": moments["relevance_total"].std().loc[feature],
+            "input_relevance_mean": moments["input_relevance"].mean.loc[feature],
+            "input_relevance_std": moments["input_relevance"].std().loc[feature],
+            "activation_mean": moments["act_mean"].mean.loc[feature],
+            "activation_std": moments["act_mean"].std().loc[feature],
+            "activation_max_mean": moments["act_max"].mean.loc[feature],
+            "top5_images_by_activation": _top(act, feature, 5),
+            "top5_images_by_relevance": _top(rel, feature, 5),
+            "top10_channels": "|".join(str(int(c)) for c in np.argsort(-mean_chan, kind="stable")[:10]),
         })
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
