@@ -19,7 +19,8 @@ until trained demo assets are bundled), every layer and feature of both modules,
 Results (OUT): relevance/ (Parquet, partitioned by module and layer; pandas.read_parquet(OUT/"relevance")),
 summary.csv, errors.csv (images that could not be used, with the reason), manifest.json.
 Re-running the same request into the same OUT resumes it; a different request into a non-empty OUT is
-refused unless --overwrite.
+refused unless --overwrite. Byte-identical images under different names are all processed (manifest.json
+lists them under duplicate_images). An HTML report of OUT: python -m lrp_ray.report OUT
 
 Ray: --address local starts a private Ray instance bound to 127.0.0.1; inside `ray job submit` the job's
 cluster is used ($RAY_ADDRESS), and a relative --out is resolved against $LRP_RAY_RESULTS
