@@ -172,6 +172,7 @@ def test_bad_images_are_skipped_and_reported(ray_session, tmp_path):
     images = tmp_path / "images"
     expected = make_bad_images(images)
     write_images(images, {"good1.png": (64, 80), "nested/good2.jpg": (70, 64)})
+    (images / "dup_of_good1.png").write_bytes((images / "good1.png").read_bytes())
     out = tmp_path / "out"
     lines: list[str] = []
     res = run_sweep(tiny_spec(out, images, actors=1, module="encoder", layers="1", heatmaps=True),
@@ -180,11 +181,12 @@ def test_bad_images_are_skipped_and_reported(ray_session, tmp_path):
     errors = pd.read_csv(out / "errors.csv")
     assert set(errors.image) == set(expected) and errors.reason.str.len().min() > 0
     df = load(out)
-    assert set(df.image) == {"good1.png", "nested/good2.jpg"} and len(df) == 2 * 6
+    assert set(df.image) == {"good1.png", "nested/good2.jpg", "dup_of_good1.png"} and len(df) == 3 * 6
+    assert res.manifest["duplicate_images"] == [["dup_of_good1.png", "good1.png"]]
     assert res.manifest["counts"]["images_failed"] == len(expected)
     assert any(f"{len(expected)} failed" in line for line in lines)
     pngs = sorted(p.name for p in (out / "heatmaps").glob("*.png"))
-    assert res.manifest["heatmaps"]["files"] == len(pngs) == 6 * 2 * 2  # features x (act, rel) x 2 images
+    assert res.manifest["heatmaps"]["files"] == len(pngs) == 6 * 2 * 3  # features x (act, rel) x top 3
 
 
 
