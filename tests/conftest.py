@@ -25,12 +25,14 @@ if str(REPO) not in _pp.split(os.pathsep):
     os.environ["PYTHONPATH"] = str(REPO) + (os.pathsep + _pp if _pp else "")
 
 TINY_OVERRIDES = [
-    "MODEL.RESNETS.STEM_OUT_CHANNELS=8", "MODEL.RESNETS.RES2_OUT_CHANNELS=8", "MODEL.DETR.HIDDEN_DIM=32",
-    "MODEL.DETR.DIM_FEEDFORWARD=64", "MODEL.DETR.ENC_LAYERS=2", "MODEL.DETR.DEC_LAYERS=2",
-    "MODEL.DETR.NUM_OBJECT_QUERIES=5", "MODEL.DETR.NUM_CLASSES=3", "INPUT.MIN_SIZE_TEST=64",
-    "INPUT.MAX_SIZE_TEST=128",
+    "MODEL.RESNETS.DEPTH=18", "MODEL.RESNETS.STEM_OUT_CHANNELS=8", "MODEL.RESNETS.RES2_OUT_CHANNELS=8",
+    "MODEL.DETR.HIDDEN_DIM=32", "MODEL.DETR.NHEADS=4", "MODEL.DETR.DIM_FEEDFORWARD=64",
+    "MODEL.DETR.ENC_LAYERS=2", "MODEL.DETR.DEC_LAYERS=2", "MODEL.DETR.NUM_OBJECT_QUERIES=5",
+    "MODEL.DETR.NUM_CLASSES=3", "INPUT.MIN_SIZE_TEST=64", "INPUT.MAX_SIZE_TEST=128",
 ]
-"""The demo stand-in DETR shrunk further: hidden 32, 2+2 layers, 5 queries, images resized to 64 px."""
+"""A tiny DETR (ResNet-18 x 8 channels, hidden 32, 2+2 layers, 5 queries; images resized to 64 px) as
+overrides of DETR's defaults; with a config and no weights, models get random weights (seed 0)."""
+
 
 TINY_SIZES = {"a.jpg": (64, 96), "b.png": (96, 64), "sub/c.png": (80, 80), "sub/deeper/d.bmp": (64, 64),
               "e.webp": (72, 110)}
@@ -52,6 +54,16 @@ def write_images(folder: Path, sizes: dict[str, tuple[int, int]] = TINY_SIZES, s
 def tiny_images(tmp_path_factory) -> Path:
     """Five small images of different sizes, nested folders, several formats."""
     return write_images(tmp_path_factory.mktemp("tiny_images"))
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tmp_path_factory) -> Path:
+    """detectron2-style config.yaml of the tiny DETR (independent of the bundled demo model)."""
+    from lrp_ray.models import load_config
+
+    path = tmp_path_factory.mktemp("tiny_model") / "config.yaml"
+    load_config(None, TINY_OVERRIDES).to_yaml(path)
+    return path
 
 
 @pytest.fixture(scope="session")

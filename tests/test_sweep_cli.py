@@ -8,18 +8,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from .conftest import TINY_OVERRIDES, run_cli
+from .conftest import run_cli
 
 FEATURES = [0, 5, 17, 31]
 KEY = ["module", "layer", "image", "feature", "query"]
 
 
-def engine_rows(images, batch_size: int) -> pd.DataFrame:
+def engine_rows(images, batch_size: int, config) -> pd.DataFrame:
     """The same request computed by calling the engine directly (no Ray, no sweep code)."""
     from lrp_ray.lrp import EngineConfig, LrpEngine
     from lrp_ray.models import load_model, preprocess, read_image
 
-    model = load_model(None, None, TINY_OVERRIDES)
+    model = load_model(config)
     engine = LrpEngine(model, EngineConfig(device="cpu"))
     names = sorted(p.relative_to(images).as_posix() for p in images.rglob("*") if p.is_file())
     frames = []
@@ -35,9 +35,9 @@ def engine_rows(images, batch_size: int) -> pd.DataFrame:
     return df.sort_values(KEY).reset_index(drop=True)
 
 
-def test_cli_end_to_end_rows_and_values_equal_the_engine(tiny_images, tmp_path):
+def test_cli_end_to_end_rows_and_values_equal_the_engine(tiny_images, tiny_config, tmp_path):
     out = tmp_path / "out"
-    opts = sum((["--opt", o] for o in TINY_OVERRIDES), [])
+    opts = ["--config", str(tiny_config)]
     args = ["--images", str(tiny_images), "--features", ",".join(map(str, FEATURES)), "--queries", "top2",
             "--batch-size", "2", "--feature-chunk", "2", "--actors", "2", "--address", "local",
             "--device", "cpu", "--out", str(out), *opts]
@@ -54,7 +54,7 @@ def test_cli_end_to_end_rows_and_values_equal_the_engine(tiny_images, tmp_path):
     n_targets = 2 * len(FEATURES) + 2 * len(FEATURES) * 2  # encoder + decoder (top2) over 2 layers each
     assert len(df) == 5 * n_targets
     assert not df.duplicated(KEY).any()
-    want = engine_rows(tiny_images, 2)
+    want = engine_rows(tiny_images, 2, tiny_config)
     assert len(want) == len(df)
     pd.testing.assert_frame_equal(df[KEY], want[KEY], check_dtype=False)
     # fp32 sums in other thread counts / target chunks: equal up to rounding, relative to each column's scale
@@ -70,10 +70,10 @@ def test_cli_end_to_end_rows_and_values_equal_the_engine(tiny_images, tmp_path):
     assert m["run"]["nodes"] == ["127.0.0.1"]  # --address local binds to the loopback address
 
 
-def test_unreachable_address_is_a_bad_request(tiny_images, tmp_path):
+def test_unreachable_address_is_a_bad_request(tiny_images, tiny_config, tmp_path):
     out = tmp_path / "out"
     proc = run_cli(["--images", str(tiny_images), "--address", "127.0.0.1:1", "--out", str(out),
-                    "--features", "0", *sum((["--opt", o] for o in TINY_OVERRIDES), [])], timeout=120)
+                    "--features", "0", "--config", str(tiny_config)], timeout=120)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "cannot start or reach Ray" in proc.stderr and not out.exists()
 
@@ -91,14 +91,14 @@ def test_no_arguments_runs_the_bundled_demo(tmp_path):
 
 
 @pytest.mark.slow
-def test_interrupted_cli_run_resumes_to_the_same_rows(tiny_images, tmp_path):
+def test_interrupted_cli_run_resumes_to_the_same_rows(tiny_images, tiny_config, tmp_path):
     import signal
     import subprocess
     import sys
     import time
 
     out = tmp_path / "out"
-    opts = sum((["--opt", o] for o in TINY_OVERRIDES), [])
+    opts = ["--config", str(tiny_config)]
     args = ["--images", str(tiny_images), "--feature-chunk", "1", "--batch-size", "2", "--actors", "1",
             "--address", "local", "--device", "cpu", "--out", str(out), *opts]
     proc = subprocess.Popen([sys.executable, "-m", "lrp_ray.sweep", *args], stdout=subprocess.PIPE,

@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from .conftest import REPO, TINY_OVERRIDES
+from .conftest import REPO
 
 RAY_BIN = str(Path(sys.executable).with_name("ray"))
 
@@ -60,7 +60,7 @@ import ray
 from ray.cluster_utils import Cluster
 from lrp_ray.sweep import SweepSpec, run_sweep
 
-images, out, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+images, out, config = sys.argv[1], sys.argv[2], sys.argv[3]
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
 worker = cluster.add_node(num_cpus=1)
 ray.init(address=cluster.address, log_to_driver=False)
@@ -72,7 +72,7 @@ def on_event(kind, **info):
         cluster.remove_node(worker, allow_graceful=False)
         state["removed"] = True
 
-spec = SweepSpec(images=images, overrides=overrides, out=out, batch_size=2, features="0-5", feature_chunk=3,
+spec = SweepSpec(images=images, config=config, out=out, batch_size=2, features="0-5", feature_chunk=3,
                  actors=2, cpus_per_actor=1, queries="top2", ping_timeout_s=5, device="cpu")
 res = run_sweep(spec, progress=False, on_event=on_event)
 print("RESULT " + json.dumps({"exit": res.exit_code, "removed": state["removed"],
@@ -89,11 +89,11 @@ def _keys(df: pd.DataFrame) -> pd.DataFrame:
 
 
 @pytest.mark.slow
-def test_two_node_cluster_loses_a_worker_node_mid_sweep(tiny_images, tmp_path):
+def test_two_node_cluster_loses_a_worker_node_mid_sweep(tiny_images, tiny_config, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ}
     proc = subprocess.run([sys.executable, "-c", MULTI_NODE_CHILD, str(tiny_images), str(out),
-                           json.dumps(TINY_OVERRIDES)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           str(tiny_config)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=400)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -119,7 +119,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_ray_job_submit_against_a_local_head(tiny_images, tmp_path):
+def test_ray_job_submit_against_a_local_head(tiny_images, tiny_config, tmp_path):
     port, dash = _free_port(), _free_port()
     temp_dir = tempfile.mkdtemp(prefix="lrpj", dir="/tmp")  # short: Ray's socket paths have a length limit
     results_root = tmp_path / "results"
@@ -144,7 +144,7 @@ def test_ray_job_submit_against_a_local_head(tiny_images, tmp_path):
             assert time.monotonic() < deadline, ping.stderr[-2000:]
             time.sleep(2)
         sub_id = f"lrp-test-{uuid.uuid4().hex[:8]}"
-        opts = sum((["--opt", o] for o in TINY_OVERRIDES), [])
+        opts = ["--config", str(tiny_config)]
         cmd = [RAY_BIN, "job", "submit", "--address", address, "--submission-id", sub_id, "--no-wait",
                "--working-dir", str(REPO),
                "--", "python", "-m", "lrp_ray.sweep", "--images", str(tiny_images), "--module", "encoder",

@@ -10,14 +10,14 @@ import pytest
 
 from lrp_ray.sweep import BadRequest, SweepSpec, run_sweep
 
-from .conftest import TINY_OVERRIDES, write_images
+from .conftest import write_images
 from .test_sweep_images import make_bad_images
 
 KEY = ["module", "layer", "image", "feature", "query"]
 
 
-def tiny_spec(out, images, **kw) -> SweepSpec:
-    base = dict(images=str(images), overrides=TINY_OVERRIDES, out=str(out), batch_size=2, features="0-5",
+def tiny_spec(out, images, config, **kw) -> SweepSpec:
+    base = dict(images=str(images), config=str(config), out=str(out), batch_size=2, features="0-5",
                 feature_chunk=3, actors=2, queries="top2", ping_timeout_s=20, device="cpu")
     return SweepSpec(**{**base, **kw})
 
@@ -67,10 +67,10 @@ def assert_same_rows(a: pd.DataFrame, b: pd.DataFrame, tol: float = 1e-5) -> Non
 
 
 @pytest.fixture(scope="module")
-def first_run(ray_session, tiny_images, tmp_path_factory):
+def first_run(ray_session, tiny_images, tiny_config, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep") / "out"
     lines: list[str] = []
-    res = run_sweep(tiny_spec(out, tiny_images), log_fn=lines.append, progress=False)
+    res = run_sweep(tiny_spec(out, tiny_images, tiny_config), log_fn=lines.append, progress=False)
     return out, res, lines
 
 
@@ -107,7 +107,8 @@ def test_rows_forward_count_and_manifest(first_run, tiny_images):
         np.testing.assert_allclose(got[col], got[f"{col}_want"], rtol=1e-9, atol=1e-12)
 
 
-def test_resume_skips_finished_work_and_ends_with_the_same_rows(first_run, tiny_images, tmp_path):
+def test_resume_skips_finished_work_and_ends_with_the_same_rows(first_run, tiny_images, tiny_config,
+                                                                tmp_path):
     out, _, _ = first_run
     before = load(out)
     parts = sorted((out / "relevance").glob("module=*/layer=*/part-*.parquet"))
@@ -116,7 +117,7 @@ def test_resume_skips_finished_work_and_ends_with_the_same_rows(first_run, tiny_
     for p in removed:
         p.unlink()
     lines: list[str] = []
-    res = run_sweep(tiny_spec(out, tiny_images), log_fn=lines.append, progress=False)
+    res = run_sweep(tiny_spec(out, tiny_images, tiny_config), log_fn=lines.append, progress=False)
     assert res.exit_code == 0
     m = res.manifest
     assert m["counts"]["items_skipped_resume"] == 24 - len(removed)
@@ -124,29 +125,30 @@ def test_resume_skips_finished_work_and_ends_with_the_same_rows(first_run, tiny_
     assert m["forward_passes"] == len({p.name.split("-")[1] for p in removed})
     assert_same_rows(load(out), before)
     # running it again computes nothing
-    res = run_sweep(tiny_spec(out, tiny_images), log_fn=lines.append, progress=False)
+    res = run_sweep(tiny_spec(out, tiny_images, tiny_config), log_fn=lines.append, progress=False)
     assert res.manifest["counts"]["items_run"] == 0 and res.manifest["forward_passes"] == 0
     assert_same_rows(load(out), before)
 
 
-def test_different_spec_is_refused_unless_overwrite(first_run, tiny_images, tmp_path):
+def test_different_spec_is_refused_unless_overwrite(first_run, tiny_images, tiny_config, tmp_path):
     out, _, _ = first_run
     with pytest.raises(BadRequest, match=r"different sweep \(differs in: features\)"):
-        run_sweep(tiny_spec(out, tiny_images, features="0-3"), log_fn=lambda s: None, progress=False)
+        run_sweep(tiny_spec(out, tiny_images, tiny_config, features="0-3"), log_fn=lambda s: None,
+                  progress=False)
     other = tmp_path / "copy"
     import shutil
 
     shutil.copytree(out, other)
-    res = run_sweep(tiny_spec(other, tiny_images, features="0-3", module="encoder", overwrite=True),
-                    log_fn=lambda s: None, progress=False)
+    spec = tiny_spec(other, tiny_images, tiny_config, features="0-3", module="encoder", overwrite=True)
+    res = run_sweep(spec, log_fn=lambda s: None, progress=False)
     assert res.exit_code == 0
     df = load(other)
     assert set(df.module) == {"encoder"} and len(df) == 5 * 4 * 2
 
 
 @pytest.mark.parametrize("no_restart", [False, True], ids=["restart", "gone"])
-def test_actor_killed_mid_sweep_still_gives_the_exact_rows(ray_session, first_run, tiny_images, tmp_path,
-                                                           no_restart):
+def test_actor_killed_mid_sweep_still_gives_the_exact_rows(ray_session, first_run, tiny_images, tiny_config,
+                                                           tmp_path, no_restart):
     import ray
 
     handles: list = []
@@ -161,22 +163,23 @@ def test_actor_killed_mid_sweep_still_gives_the_exact_rows(ray_session, first_ru
 
     out = tmp_path / "out"
     lines: list[str] = []
-    res = run_sweep(tiny_spec(out, tiny_images), log_fn=lines.append, progress=False, on_event=on_event)
+    res = run_sweep(tiny_spec(out, tiny_images, tiny_config), log_fn=lines.append, progress=False,
+                    on_event=on_event)
     assert killed and res.exit_code == 0, lines
     assert_same_rows(load(out), load(first_run[0]))
     rel = res.manifest["reliability"]
     assert rel["actor_restarts"] + rel["actors_replaced"] + rel["item_retries"] + rel["reassigned"] >= 1, rel
 
 
-def test_bad_images_are_skipped_and_reported(ray_session, tmp_path):
+def test_bad_images_are_skipped_and_reported(ray_session, tiny_config, tmp_path):
     images = tmp_path / "images"
     expected = make_bad_images(images)
     write_images(images, {"good1.png": (64, 80), "nested/good2.jpg": (70, 64)})
     (images / "dup_of_good1.png").write_bytes((images / "good1.png").read_bytes())
     out = tmp_path / "out"
     lines: list[str] = []
-    res = run_sweep(tiny_spec(out, images, actors=1, module="encoder", layers="1", heatmaps=True),
-                    log_fn=lines.append, progress=False)
+    spec = tiny_spec(out, images, tiny_config, actors=1, module="encoder", layers="1", heatmaps=True)
+    res = run_sweep(spec, log_fn=lines.append, progress=False)
     assert res.exit_code == 1
     errors = pd.read_csv(out / "errors.csv")
     assert set(errors.image) == set(expected) and errors.reason.str.len().min() > 0
@@ -190,9 +193,10 @@ def test_bad_images_are_skipped_and_reported(ray_session, tmp_path):
 
 
 
-def test_one_actor_small_cache_budget_gives_the_same_values(ray_session, first_run, tiny_images, tmp_path):
+def test_one_actor_small_cache_budget_gives_the_same_values(ray_session, first_run, tiny_images, tiny_config,
+                                                             tmp_path):
     out = tmp_path / "out"
-    res = run_sweep(tiny_spec(out, tiny_images, actors=1, cache_budget_mb=1, max_in_flight=1),
+    res = run_sweep(tiny_spec(out, tiny_images, tiny_config, actors=1, cache_budget_mb=1, max_in_flight=1),
                     log_fn=lambda s: None, progress=False)
     assert res.exit_code == 0
     assert res.manifest["forward_passes"] == 3 and res.manifest["cache"]["cache_transfers"] == 0

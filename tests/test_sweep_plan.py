@@ -13,7 +13,7 @@ from lrp_ray.sweep.plan import make_plan
 from lrp_ray.sweep.summary import SUMMARY_COLUMNS, write_summary
 from lrp_ray.sweep.writer import SCHEMA, clean_temp_files, done_keys, result_to_table, write_part
 
-from .conftest import TINY_OVERRIDES, TINY_SIZES
+from .conftest import TINY_SIZES
 
 
 def test_plan_items_and_keys():
@@ -34,9 +34,9 @@ def test_plan_items_and_keys():
 
 
 @pytest.fixture(scope="module")
-def engine_and_batch(tiny_images):
+def engine_and_batch(tiny_images, tiny_config):
     torch.manual_seed(0)
-    model = load_model(None, None, TINY_OVERRIDES)
+    model = load_model(tiny_config)
     engine = LrpEngine(model, EngineConfig(device="cpu"))
     names = sorted(TINY_SIZES)[:3]
     batch = preprocess([read_image(tiny_images / n) for n in names], model.cfg)

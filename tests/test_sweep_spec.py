@@ -94,9 +94,9 @@ def test_help_documents_flags_defaults_and_exit_codes(capsys):
 @pytest.fixture()
 def wrong_weights(tmp_path):
     """A config file and a checkpoint of a different architecture."""
-    from lrp_ray.models.build import build_model, demo_config
+    from lrp_ray.models import build_model, load_config
 
-    cfg = demo_config().with_overrides(TINY_OVERRIDES)
+    cfg = load_config(None, TINY_OVERRIDES)
     cfg.to_yaml(tmp_path / "config.yaml")
     other = cfg.with_overrides({"MODEL.DETR.HIDDEN_DIM": 48})
     torch.save({"model": build_model(other).state_dict()}, tmp_path / "other.pth")
@@ -116,10 +116,10 @@ BAD_REQUESTS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
-def test_bad_requests_exit_2_before_anything_starts(case, tiny_images, tmp_path, capsys):
+def test_bad_requests_exit_2_before_anything_starts(case, tiny_images, tiny_config, tmp_path, capsys):
     args, pattern = BAD_REQUESTS[case]
     out = tmp_path / "out"
-    base = ["--images", str(tiny_images), "--out", str(out), *sum((["--opt", o] for o in TINY_OVERRIDES), [])]
+    base = ["--images", str(tiny_images), "--out", str(out), "--config", str(tiny_config)]
     assert main([*base, *args]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
@@ -129,8 +129,8 @@ def test_bad_requests_exit_2_before_anything_starts(case, tiny_images, tmp_path,
     assert not (out / "manifest.json").exists()
 
 
-def test_more_bad_requests(tiny_images, tmp_path, wrong_weights, capsys):
-    opts = sum((["--opt", o] for o in TINY_OVERRIDES), [])
+def test_more_bad_requests(tiny_images, tiny_config, tmp_path, wrong_weights, capsys):
+    opts = ["--config", str(tiny_config)]
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
     (empty / "notes.txt").write_text("no images here")
@@ -159,11 +159,11 @@ def test_more_bad_requests(tiny_images, tmp_path, wrong_weights, capsys):
         assert len(err.splitlines()) == 1 and re.search(pattern, err), (args, err)
 
 
-def test_nonempty_foreign_out_is_refused(tiny_images, tmp_path, capsys):
+def test_nonempty_foreign_out_is_refused(tiny_images, tiny_config, tmp_path, capsys):
     out = tmp_path / "precious"
     out.mkdir()
     (out / "thesis.tex").write_text("do not touch")
-    opts = sum((["--opt", o] for o in TINY_OVERRIDES), [])
+    opts = ["--config", str(tiny_config)]
     assert main(["--images", str(tiny_images), "--out", str(out), *opts]) == 2
     assert "not empty" in capsys.readouterr().err
     assert (out / "thesis.tex").read_text() == "do not touch"

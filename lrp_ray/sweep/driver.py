@@ -374,6 +374,8 @@ class _Scheduler:
         self.inflight: dict[Any, tuple[int, str]] = {}
         self.actors: list[_ActorState] = []
         self.replacements = 0
+        self.max_replacements = 2
+        self.last_death = ""
         self.budget = int(self.spec.cache_budget_mb) << 20
         self.max_nbytes = 0
         self.stats = {"forward_passes": 0, "cache_hits": 0, "cache_transfers": 0, "exports": 0,
@@ -397,6 +399,7 @@ class _Scheduler:
         self._actor_cls = LrpWorker
         self._actor_opts = options
         self._actor_args = args
+        self.max_replacements = max(2, 2 * n)
         for _ in range(n):
             self._new_actor()
         self.on_event("actors_started", handles=[a.handle for a in self.actors])
@@ -442,7 +445,8 @@ class _Scheduler:
         self._mark_unavailable(a, why)
         a.dead = True
         a.ping_ref = None
-        if self.replacements < max(2, len(self.actors)):
+        self.last_death = why
+        if self.replacements < self.max_replacements:
             self.replacements += 1
             self.stats["actors_replaced"] += 1
             new = self._new_actor()
@@ -581,7 +585,8 @@ class _Scheduler:
         try:
             payload = self.ray.get(ref, timeout=600)
         except self.ray.exceptions.RayActorError as exc:
-            self._on_system_error(a, uid, exc, actor_gone=isinstance(exc, self.ray.exceptions.ActorDiedError))
+            gone = isinstance(exc, self.ray.exceptions.ActorDiedError)
+            self._on_system_error(a, uid, exc, actor_gone=gone)
             return
         except (self.ray.exceptions.ObjectLostError, self.ray.exceptions.WorkerCrashedError,
                 self.ray.exceptions.NodeDiedError, self.ray.exceptions.GetTimeoutError) as exc:
@@ -597,6 +602,9 @@ class _Scheduler:
                 self.stats["item_retries"] += 1
                 self.log(f"retrying {it.label(self.n_batches)} after error: {reason}")
                 self._requeue_fresh(uid)
+            return
+        except self.ray.exceptions.RayError as exc:  # e.g. a worker killed by Ray's memory monitor
+            self._on_system_error(a, uid, exc, actor_gone=False)
             return
         self._seen_pid(a, payload["pid"])
         if uid in self.done or uid in self.failed:
@@ -636,7 +644,7 @@ class _Scheduler:
     def _on_system_error(self, a: _ActorState, uid: str, exc: Exception, actor_gone: bool) -> None:
         self.sys_attempts[uid] = self.sys_attempts.get(uid, 0) + 1
         if actor_gone:
-            self._mark_dead(a, _one_line(exc, 120))
+            self._mark_dead(a, _one_line(exc, 400))
         else:
             self._forget_holder(a.idx)
         if self.sys_attempts[uid] > 10:
@@ -683,7 +691,7 @@ class _Scheduler:
         try:
             info = self.ray.get(ref, timeout=60)
         except self.ray.exceptions.ActorDiedError as exc:
-            self._mark_dead(a, _one_line(exc, 120))
+            self._mark_dead(a, _one_line(exc, 400))
             return
         except Exception as exc:  # restarting / unavailable: ask again later
             self._mark_unavailable(a, _one_line(exc, 120))
@@ -704,7 +712,7 @@ class _Scheduler:
             refs = list(self.inflight) + list(pings)
             if not refs:
                 if not any(not a.dead for a in self.actors):
-                    raise SweepFailed("no worker actors left")
+                    raise SweepFailed(f"no worker actors left (last error: {self.last_death})")
                 self._health(time.monotonic())
                 time.sleep(0.2)
                 continue
