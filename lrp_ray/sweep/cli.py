@@ -127,7 +127,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BadRequest as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
         return 2
-    from .driver import execute
+    import os
+
+    from .driver import bind_local_to_loopback, execute
+
+    if spec.address == "local" or (spec.address is None and not os.environ.get("RAY_ADDRESS")):
+        bind_local_to_loopback()
 
     def log_fn(line: str) -> None:
         print(line, flush=True)

@@ -296,20 +296,27 @@ _LOCAL_ENV_DONE = False
 
 
 def _prepare_local_env() -> None:
-    """Local mode: make Ray bind to 127.0.0.1 and let its workers import this package."""
+    """Local mode: let Ray's workers import this package (also when it is not pip-installed)."""
     global _LOCAL_ENV_DONE
     if _LOCAL_ENV_DONE:
         return
     _LOCAL_ENV_DONE = True
-    # Ray uses the loopback address for a local instance unless clusters are enabled for this platform;
-    # read when ray is imported, so this only takes effect when ray is not imported yet.
-    if "ray" not in sys.modules:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     root = str(Path(__file__).resolve().parents[2])
     pp = os.environ.get("PYTHONPATH", "")
     if root not in pp.split(os.pathsep):
         os.environ["PYTHONPATH"] = root + (os.pathsep + pp if pp else "")
+
+
+def bind_local_to_loopback() -> None:
+    """Make a local Ray instance listen on 127.0.0.1 only (what Ray does on macOS/Windows).
+
+    Ray reads this when it is imported, and it holds for the whole process (a later connection to a
+    remote cluster from the same process would advertise 127.0.0.1), so only the CLI calls it, before
+    anything imports ray.
+    """
+    if "ray" not in sys.modules:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def _check_reachable(addr: str, timeout: float = 10.0) -> None:
