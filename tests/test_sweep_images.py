@@ -58,6 +58,10 @@ def test_discover_recursive_extensions_and_glob(tmp_path):
     assert one.names == ["c.png"]
     for name in s.names:  # names are relative and cannot point outside the images root
         assert not name.startswith("/") and ".." not in name.split("/")
+    out = tmp_path / "imgs" / "results"  # an output folder inside the image folder is never an input
+    write_images(out / "heatmaps", {"h.png": (40, 40)})
+    assert discover(str(tmp_path / "imgs"), exclude=out).names == s.names
+    assert discover(str(tmp_path / "imgs" / "**" / "*.png"), exclude=out).names == g.names
     with pytest.raises(BadRequest, match="matches no image files"):
         discover(str(tmp_path / "imgs" / "*.gif"))
     with pytest.raises(BadRequest, match="no such folder"):

@@ -181,7 +181,7 @@ def prepare(spec: SweepSpec, log_fn: Callable[[str], None] = print) -> Prepared:
 
     # images
     if spec.images is not None:
-        image_set = discover(spec.images)
+        image_set = discover(spec.images, exclude=out)
     elif DEMO_IMAGES.is_dir() and any(DEMO_IMAGES.iterdir()):
         image_set = discover(str(DEMO_IMAGES))
     else:

@@ -60,11 +60,23 @@ def _has_magic(text: str) -> bool:
     return glob.has_magic(text)
 
 
-def discover(images: str) -> ImageSet:
+def _under(path: Path, folder: Path | None) -> bool:
+    if folder is None:
+        return False
+    try:
+        Path(os.path.abspath(path)).relative_to(folder)
+        return True
+    except ValueError:
+        return False
+
+
+def discover(images: str, exclude: Path | None = None) -> ImageSet:
     """Images of a folder (recursive), a glob (``**`` recursive) or a single file; sorted by name.
 
+    Files under ``exclude`` (the output folder: heatmaps, cached images) are never inputs.
     Raises :class:`BadRequest` for a missing folder, a glob matching nothing, or no image files.
     """
+    exclude = Path(os.path.abspath(exclude)) if exclude is not None else None
     text = os.path.expanduser(str(images))
     exts = "/".join(e[1:] for e in IMAGE_EXTENSIONS)
     if _has_magic(text):
@@ -76,7 +88,7 @@ def discover(images: str) -> ImageSet:
             static.append(part)
         root = Path(*static) if static else Path(".")
         found = [Path(p) for p in glob.glob(text, recursive=True)]
-        files = [p for p in found if not p.is_dir() and _is_image_name(p.name)]
+        files = [p for p in found if not p.is_dir() and _is_image_name(p.name) and not _under(p, exclude)]
         if not files:
             raise BadRequest(f"--images {images}: the glob matches no image files ({exts})")
         names = sorted({p.relative_to(root).as_posix() for p in files})
@@ -92,7 +104,7 @@ def discover(images: str) -> ImageSet:
         raise BadRequest(f"--images {images}: not a folder, file or glob")
     names = []
     for dirpath, dirnames, filenames in os.walk(p):
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if not _under(Path(dirpath) / d, exclude))
         for f in filenames:
             if _is_image_name(f):
                 names.append((Path(dirpath) / f).relative_to(p).as_posix())
