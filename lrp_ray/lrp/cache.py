@@ -30,8 +30,6 @@ class ForwardCache:
     meta: dict[str, Any] = field(default_factory=dict)
     derived: dict[Any, Any] = field(default_factory=dict, repr=False)
     """Target-independent data derived from the tensors (e.g. per-token FFN maps); never serialised."""
-    usage: dict[Any, int] = field(default_factory=dict, repr=False)
-    """How many targets have been propagated through each layer of this cache."""
 
     def __getitem__(self, key: str) -> Tensor:
         return self.tensors[key]

@@ -34,7 +34,7 @@ class EngineConfig:
     compile: bool = False
     memory_budget_bytes: int = 1 << 30
     ffn_maps: bool = True
-    """Fold encoder layers into per-token maps once many targets use a cache (``encoder_token_maps``)."""
+    """Fold encoder layers into per-token maps for calls with >= hidden_dim/2 targets."""
     maps_budget_bytes: int | None = None
     """Bytes of per-token maps kept per cache; None: 2 GiB on CPU, a quarter of the GPU's memory."""
 
@@ -89,6 +89,7 @@ class LrpEngine:
             if self.device.type == "cuda":
                 budget = torch.cuda.get_device_properties(self.device).total_memory // 4
         self.maps_budget = int(budget)
+        self.maps_min_targets = max(1, self.weights.hidden_dim // 2)
         self._propagate = propagate
         if self.config.compile:
             self._propagate = torch.compile(propagate, dynamic=True)
@@ -205,19 +206,16 @@ class LrpEngine:
             qsel = select_queries(cache, "all" if queries is None else queries)
         r = qsel.shape[1]
         step = chunk or self.max_feature_chunk(cache, module, layer, r)
-        # per-token FFN maps cost about as much as dff*d/(2*dff-d) ~ d/2 direct targets to build:
-        # count the targets each encoder layer of this cache serves; build once the count gets there
-        top = layer if module == "encoder" else len(self.weights.encoder) - 1
-        for i in range(top + 1):
-            cache.usage[("enc", i)] = cache.usage.get(("enc", i), 0) + len(features) * r
-        maps_after = self.weights.hidden_dim // 2 if self.config.ffn_maps else None
-        parts = [self._relevance_chunk(cache, module, layer, features[i:i + step], qsel, maps_after)
+        # per-token maps cost about as much as dff*d/(2*dff-d) ~ d/2 direct targets to build; the
+        # choice depends on this call only, so a resumed or rescheduled sweep computes identically
+        use_maps = self.config.ffn_maps and len(features) * r >= self.maps_min_targets
+        parts = [self._relevance_chunk(cache, module, layer, features[i:i + step], qsel, use_maps)
                  for i in range(0, len(features), step)]
         return RelevanceResult.concat(parts)
 
     @torch.no_grad()
     def _relevance_chunk(self, cache: ForwardCache, module: str, layer: int, features: list[int],
-                         qsel: np.ndarray, maps_after: int | None = None) -> RelevanceResult:
+                         qsel: np.ndarray, use_maps: bool = False) -> RelevanceResult:
         w, acc = self.weights, self._acc
         d = w.hidden_dim
         valid = ~cache["mask"]
@@ -239,7 +237,7 @@ class LrpEngine:
             act_sum = act_max = act_mean = act
         ledger = Ledger(acc)
         target = ledger.rel(y, g)
-        g = self._propagate(cache, w, self.rules, module, layer, g, ledger, maps_after, self.maps_budget)
+        g = self._propagate(cache, w, self.rules, module, layer, g, ledger, use_maps, self.maps_budget)
         x0 = cache["enc.x.0"].to(acc)
         g = g.to(acc)
         token = token_dot(g, x0).transpose(1, 2)                              # [B,N,T]

@@ -168,16 +168,17 @@ def token_maps_nbytes(c: ForwardCache) -> int:
 
 
 def encoder_layer_back(g: Tensor, i: int, c: ForwardCache, w: TransformerWeights, rules: RuleSet,
-                       ledger: Ledger, maps_after: int | None = None, maps_budget: int = 1 << 62) -> Tensor:
+                       ledger: Ledger, use_maps: bool = False, maps_budget: int = 1 << 62) -> Tensor:
     """g at the output of encoder layer ``i`` -> g at its input.
 
-    Once ``maps_after`` targets have used this layer of this cache, the per-token part goes through
-    the folded maps of :func:`encoder_token_maps` (built once, kept as derived data).
+    With ``use_maps`` the per-token part goes through the folded maps of :func:`encoder_token_maps`
+    (built once per cache and layer, kept as derived data).
     """
     eps = rules.epsilon
     key = ("enc", i, eps)
-    if key in c.derived or (maps_after is not None and c.usage.get(("enc", i), 0) >= maps_after
-                            and c.derived_nbytes + token_maps_nbytes(c) <= maps_budget):
+    # stateless choice (same call -> same arithmetic, whatever the cache served before): maps for the
+    # lowest layers that fit the budget
+    if use_maps and (i + 1) * token_maps_nbytes(c) <= maps_budget:
         if key not in c.derived:
             c.derived[key] = encoder_token_maps(c, i, w, eps)
         e, cvec = c.derived[key]
@@ -279,12 +280,12 @@ def decoder_layer_back(g: Tensor, g_mem: Tensor, j: int, c: ForwardCache, w: Tra
 
 
 def propagate(c: ForwardCache, w: TransformerWeights, rules: RuleSet, module: str, layer: int,
-              g: Tensor, ledger: Ledger, maps_after: int | None = None, maps_budget: int = 1 << 62) -> Tensor:
+              g: Tensor, ledger: Ledger, use_maps: bool = False, maps_budget: int = 1 << 62) -> Tensor:
     """Propagate ``g`` from the output of ``module`` layer ``layer`` to the encoder input tokens.
 
-    ``maps_after``: route an encoder FFN through per-token maps once that many targets have used the
-    layer of this cache (building them costs about as much as ``hidden_dim / 2`` direct targets), as
-    long as the cache's derived data stays within ``maps_budget`` bytes.
+    ``use_maps``: route the encoder layers through per-token maps (building them costs about as much
+    as ``hidden_dim / 2`` direct targets); layer i uses them when ``(i + 1)`` layers' maps fit
+    ``maps_budget`` bytes.
     """
     if module == "decoder":
         mem = memory_of(c, w)
@@ -303,7 +304,7 @@ def propagate(c: ForwardCache, w: TransformerWeights, rules: RuleSet, module: st
     else:
         top = layer
     for i in range(top, -1, -1):
-        g = encoder_layer_back(g, i, c, w, rules, ledger, maps_after, maps_budget)
+        g = encoder_layer_back(g, i, c, w, rules, ledger, use_maps, maps_budget)
         ledger.record(f"encoder.{i}.in", ledger.rel(c[f"enc.x.{i}"], g))
     return g
 

@@ -122,6 +122,10 @@ def ffn_back(g: Tensor, f: Tensor, u: Tensor, ffn, eps: float) -> tuple[Tensor, 
     return mm(gu, ffn.w1), bias
 
 
+SPARSE_BUILD_DENSITY = 0.35
+"""Below this fraction of active ReLU units, per-token maps are built from the active units only."""
+
+
 def ffn_token_maps(u: Tensor, ffn, eps: float, block_bytes: int = 1 << 28) -> tuple[Tensor, Tensor]:
     """Per-token linear map of the FFN backward.
 
@@ -137,11 +141,24 @@ def ffn_token_maps(u: Tensor, ffn, eps: float, block_bytes: int = 1 << 28) -> tu
     scale = (u > 0).to(w1.dtype) if r is None else (u > 0).to(w1.dtype) * r.squeeze(2).to(w1.dtype)
     flat = scale.reshape(b * t, dff)
     maps = torch.empty(b * t, d, d, dtype=w1.dtype, device=u.device)
-    blk = max(1, block_bytes // (d * dff * w1.element_size()))
-    for k in range(0, b * t, blk):
-        sk = flat[k:k + blk]
-        torch.bmm(w2.unsqueeze(0) * sk[:, None, :], w1.unsqueeze(0).expand(len(sk), -1, -1),
-                  out=maps[k:k + blk])
+    active = flat != 0
+    counts = active.sum(1)
+    if float(counts.float().mean()) > SPARSE_BUILD_DENSITY * dff:
+        blk = max(1, block_bytes // (d * dff * w1.element_size()))
+        for k in range(0, b * t, blk):
+            sk = flat[k:k + blk]
+            torch.bmm(w2.unsqueeze(0) * sk[:, None, :], w1.unsqueeze(0).expand(len(sk), -1, -1),
+                      out=maps[k:k + blk])
+    else:
+        w2t = w2.t().contiguous()
+        blk = max(1, block_bytes // (2 * d * dff * w1.element_size()))
+        for k in range(0, b * t, blk):
+            # only active hidden units contribute: gather them (padded to the block's largest count
+            # with inactive units, whose scale is 0) and multiply the compacted factors
+            amax = max(1, int(counts[k:k + blk].max()))
+            idx = torch.topk(active[k:k + blk].to(torch.uint8), amax, dim=1, sorted=False).indices
+            sa = torch.gather(flat[k:k + blk], 1, idx)
+            torch.bmm(w2t[idx].transpose(1, 2), w1[idx] * sa.unsqueeze(-1), out=maps[k:k + blk])
     vecs = (flat * b1) @ w2.T
     return maps.view(b, t, d, d), vecs.view(b, t, d)
 

@@ -22,8 +22,9 @@ __all__ = [
     "parse_queries", "format_indices", "spec_hash", "RESULT_FIELDS", "DEFAULT_ITEM_FEATURES",
 ]
 
-DEFAULT_ITEM_FEATURES = 64
-"""Features per work item when ``feature_chunk`` is ``auto`` (the engine may split an item further)."""
+DEFAULT_ITEM_FEATURES = 128
+"""Features per work item when ``feature_chunk`` is ``auto`` (the engine may split an item further).
+At least hidden_dim/2 targets per call let the engine use its per-token maps (DETR-R50: 256/2)."""
 
 
 class BadRequest(ValueError):
