@@ -43,6 +43,22 @@ def encoder_outputs(tr: nn.Module, x: Tensor, pos: Tensor, kpm: Tensor, upto: in
     return x
 
 
+def encoder_all_outputs(tr: nn.Module, x: Tensor, pos: Tensor, kpm: Tensor) -> list[Tensor]:
+    """Every encoder layer's output from one forward (same rules as :func:`encoder_outputs`)."""
+    outs = []
+    for i in range(len(tr.encoder.layers)):
+        x = encoder_outputs(_Slice(tr, i), x, pos, kpm, 0)
+        outs.append(x)
+    return outs
+
+
+class _Slice:
+    """A view of one encoder layer with the transformer's interface (for encoder_outputs)."""
+
+    def __init__(self, tr: nn.Module, i: int) -> None:
+        self.encoder = type("E", (), {"layers": [tr.encoder.layers[i]]})()
+
+
 def decoder_output(tr: nn.Module, mem: Tensor, pos: Tensor, kpm: Tensor, qembed: Tensor) -> Tensor:
     qpos = qembed.unsqueeze(0).expand(mem.shape[0], -1, -1)
     t = torch.zeros_like(qpos)
