@@ -10,6 +10,7 @@ import torch
 from lrp_ray.lrp import EngineConfig, LrpEngine
 from lrp_ray.models import load_model, preprocess, read_image
 from lrp_ray.sweep.plan import make_plan
+from lrp_ray.sweep.spec import DEFAULT_ITEM_FEATURES
 from lrp_ray.sweep.summary import SUMMARY_COLUMNS, write_summary
 from lrp_ray.sweep.writer import SCHEMA, clean_temp_files, done_keys, result_to_table, write_part
 
@@ -30,7 +31,8 @@ def test_plan_items_and_keys():
     assert it.label(3) == "decoder layer 2, features 8-9, batch 3/3 (1 image)"
     assert plan.by_batch[0][0].label(3) == "encoder layer 0, features 0-3, batch 1/3 (3 images)"
     auto = make_plan(images, 4, {"encoder": [5]}, list(range(256)), "auto", {"encoder": 1})
-    assert [len(i.features) for i in auto.items[:4]] == [64] * 4
+    n = DEFAULT_ITEM_FEATURES
+    assert [len(i.features) for i in auto.by_batch[0]] == [n] * (256 // n)
 
 
 @pytest.fixture(scope="module")
