@@ -78,10 +78,78 @@ def ray_session():
     ray.shutdown()
 
 
-def run_cli(args: list[str], cwd: Path | None = None, timeout: float = 300, env: dict | None = None):
+def run_cli(args: list[str], cwd: Path | None = None, timeout: float = 300, env: dict | None = None,
+            **popen):
     """``python -m lrp_ray.sweep ARGS`` in a subprocess (its own local Ray)."""
     import subprocess
 
     e = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "lrp_ray.sweep", *args], cwd=cwd or REPO, env=e,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, **popen)
+
+
+# --------------------------------------------------------------------------- sweeps and their rows
+KEY = ["module", "layer", "image", "feature", "query"]
+LIST_COLUMNS = ("token_map", "channel_relevance", "profile")
+
+
+def tiny_spec(out, images, config, **kw):
+    """The in-process tiny sweep: 5 images in 3 batches, features 0-5 in chunks of 3, both modules, top2."""
+    from lrp_ray.sweep import SweepSpec
+
+    base = dict(images=str(images), config=str(config), out=str(out), batch_size=2, features="0-5",
+                feature_chunk=3, actors=2, queries="top2", ping_timeout_s=20, device="cpu")
+    return SweepSpec(**{**base, **kw})
+
+
+def load_rows(out: Path, columns: list[str] | None = None):
+    """Every row of ``out/relevance``, sorted by (module, layer, image, feature, query); query -1 = null."""
+    import pandas as pd
+
+    df = pd.read_parquet(out / "relevance", columns=columns)
+    df["module"] = df["module"].astype(str)
+    df["layer"] = df["layer"].astype(int)
+    df["query"] = df["query"].fillna(-1).astype(int)
+    return df.sort_values(KEY).reset_index(drop=True)
+
+
+def assert_rows_equal(a, b) -> None:
+    """Same rows, every value exactly equal (the engine is deterministic per work item: same request,
+    same fp32 CPU arithmetic, whatever ran before, on which actor, or in which process)."""
+    import pandas as pd
+
+    assert len(a) == len(b)
+    assert set(a.columns) == set(b.columns)
+    pd.testing.assert_frame_equal(a[KEY], b[KEY])
+    for col in a.columns:
+        if col in LIST_COLUMNS:
+            bad = [i for i, (x, y) in enumerate(zip(a[col], b[col], strict=True)) if not np.array_equal(x, y)]
+            assert not bad, f"{col}: {len(bad)} rows differ, first {a.loc[bad[0], KEY].to_dict()}"
+        else:
+            eq = (a[col].values == b[col].values)
+            assert eq.all(), f"{col}: {int((~eq).sum())} rows differ"
+
+
+@pytest.fixture(scope="session")
+def sweep_reference(ray_session, tiny_images, tiny_config, tmp_path_factory):
+    """An uninterrupted in-process tiny sweep (:func:`tiny_spec`); tests must not modify its folder."""
+    from lrp_ray.sweep import run_sweep
+
+    out = tmp_path_factory.mktemp("reference") / "out"
+    lines: list[str] = []
+    res = run_sweep(tiny_spec(out, tiny_images, tiny_config), log_fn=lines.append, progress=False)
+    return out, res, lines
+
+
+def drop_dac_override() -> None:
+    """``preexec_fn`` for a subprocess that must honour file permissions even when run as root: drops
+    CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding set (so the exec'd program does not get
+    them); a no-op for other users (who cannot, and need not, drop them)."""
+    import ctypes
+
+    if os.geteuid() != 0:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_capbset_drop = 24
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        libc.prctl(pr_capbset_drop, cap, 0, 0, 0)

@@ -8,26 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lrp_ray.sweep import BadRequest, SweepSpec, run_sweep
+from lrp_ray.sweep import BadRequest, run_sweep
 
-from .conftest import write_images
+from .conftest import KEY, assert_rows_equal, tiny_spec, write_images
+from .conftest import load_rows as load
 from .test_sweep_images import make_bad_images
-
-KEY = ["module", "layer", "image", "feature", "query"]
-
-
-def tiny_spec(out, images, config, **kw) -> SweepSpec:
-    base = dict(images=str(images), config=str(config), out=str(out), batch_size=2, features="0-5",
-                feature_chunk=3, actors=2, queries="top2", ping_timeout_s=20, device="cpu")
-    return SweepSpec(**{**base, **kw})
-
-
-def load(out) -> pd.DataFrame:
-    df = pd.read_parquet(out / "relevance")
-    df["module"] = df["module"].astype(str)
-    df["layer"] = df["layer"].astype(int)
-    df["query"] = df["query"].fillna(-1).astype(int)
-    return df.sort_values(KEY).reset_index(drop=True)
 
 
 def expected_keys(images: list[str], features=range(6), layers=(0, 1), queries=2) -> set:
@@ -53,25 +38,9 @@ def row_keys(df: pd.DataFrame) -> set:
     return out
 
 
-def assert_same_rows(a: pd.DataFrame, b: pd.DataFrame, tol: float = 1e-5) -> None:
-    """Same row set; values equal up to fp32 rounding (the engine's arithmetic path may depend on how many
-    targets a forward cache has served, so a resumed or rescheduled run is not bit-identical)."""
-    assert len(a) == len(b)
-    pd.testing.assert_frame_equal(a[KEY], b[KEY])
-    for col in ("act_sum", "act_mean", "relevance_total", "input_relevance", "bias_relevance"):
-        scale = max(1e-12, float(np.abs(b[col]).max()))
-        np.testing.assert_allclose(a[col], b[col], rtol=tol, atol=tol * scale)
-    scale = max(float(np.abs(v).max()) for v in b.token_map)
-    for x, y in zip(a.token_map, b.token_map, strict=True):
-        np.testing.assert_allclose(x, y, rtol=tol, atol=tol * scale)
-
-
 @pytest.fixture(scope="module")
-def first_run(ray_session, tiny_images, tiny_config, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sweep") / "out"
-    lines: list[str] = []
-    res = run_sweep(tiny_spec(out, tiny_images, tiny_config), log_fn=lines.append, progress=False)
-    return out, res, lines
+def first_run(sweep_reference):
+    return sweep_reference
 
 
 def test_rows_forward_count_and_manifest(first_run, tiny_images):
@@ -109,7 +78,10 @@ def test_rows_forward_count_and_manifest(first_run, tiny_images):
 
 def test_resume_skips_finished_work_and_ends_with_the_same_rows(first_run, tiny_images, tiny_config,
                                                                 tmp_path):
-    out, _, _ = first_run
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(first_run[0], out)
     before = load(out)
     parts = sorted((out / "relevance").glob("module=*/layer=*/part-*.parquet"))
     removed = [p for p in parts if p.name in ("part-b00001-c0000.parquet", "part-b00002-c0001.parquet")][:3]
@@ -123,11 +95,11 @@ def test_resume_skips_finished_work_and_ends_with_the_same_rows(first_run, tiny_
     assert m["counts"]["items_skipped_resume"] == 24 - len(removed)
     assert m["counts"]["items_run"] == len(removed)
     assert m["forward_passes"] == len({p.name.split("-")[1] for p in removed})
-    assert_same_rows(load(out), before)
+    assert_rows_equal(load(out), before)
     # running it again computes nothing
     res = run_sweep(tiny_spec(out, tiny_images, tiny_config), log_fn=lines.append, progress=False)
     assert res.manifest["counts"]["items_run"] == 0 and res.manifest["forward_passes"] == 0
-    assert_same_rows(load(out), before)
+    assert_rows_equal(load(out), before)
 
 
 def test_different_spec_is_refused_unless_overwrite(first_run, tiny_images, tiny_config, tmp_path):
@@ -146,9 +118,13 @@ def test_different_spec_is_refused_unless_overwrite(first_run, tiny_images, tiny
     assert set(df.module) == {"encoder"} and len(df) == 5 * 4 * 2
 
 
-@pytest.mark.parametrize("no_restart", [False, True], ids=["restart", "gone"])
+@pytest.mark.parametrize("how", ["sigkill", "gone"])
 def test_actor_killed_mid_sweep_still_gives_the_exact_rows(ray_session, first_run, tiny_images, tiny_config,
-                                                           tmp_path, no_restart):
+                                                           tmp_path, how):
+    """``sigkill``: SIGKILL to the actor's process (Ray restarts it); ``gone``: killed for good (replaced)."""
+    import os
+    import signal
+
     import ray
 
     handles: list = []
@@ -158,7 +134,11 @@ def test_actor_killed_mid_sweep_still_gives_the_exact_rows(ray_session, first_ru
         if kind == "actors_started":
             handles.extend(info["handles"])
         elif kind == "item_done" and not killed and info["done"] >= 2:
-            ray.kill(handles[info["actor"]], no_restart=no_restart)
+            victim = handles[info["actor"]]
+            if how == "sigkill":
+                os.kill(ray.get(victim.ping.remote(), timeout=30)["pid"], signal.SIGKILL)
+            else:
+                ray.kill(victim, no_restart=True)
             killed.append(info["actor"])
 
     out = tmp_path / "out"
@@ -166,7 +146,7 @@ def test_actor_killed_mid_sweep_still_gives_the_exact_rows(ray_session, first_ru
     res = run_sweep(tiny_spec(out, tiny_images, tiny_config), log_fn=lines.append, progress=False,
                     on_event=on_event)
     assert killed and res.exit_code == 0, lines
-    assert_same_rows(load(out), load(first_run[0]))
+    assert_rows_equal(load(out), load(first_run[0]))
     rel = res.manifest["reliability"]
     assert rel["actor_restarts"] + rel["actors_replaced"] + rel["item_retries"] + rel["reassigned"] >= 1, rel
 
@@ -202,4 +182,4 @@ def test_one_actor_small_cache_budget_gives_the_same_values(ray_session, first_r
     assert res.manifest["forward_passes"] == 3 and res.manifest["cache"]["cache_transfers"] == 0
     (info,) = res.manifest["run"]["actors_info"]
     assert info["stats"]["max_caches"] == 1 and info["stats"]["evictions"] == 0  # memory stays flat
-    assert_same_rows(load(out), load(first_run[0]))
+    assert_rows_equal(load(out), load(first_run[0]))

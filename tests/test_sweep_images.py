@@ -41,7 +41,7 @@ def make_bad_images(folder):
     _png_header_only(folder / "bomb.png", 20000, 20000)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "tiny.png")
     (folder / "broken_link.jpg").symlink_to(folder / "does_not_exist.jpg")
-    return {"zero.jpg": "", "text.jpg": "not an image", "truncated.png": "", "bomb.png": "bomb",
+    return {"zero.jpg": "empty file", "text.jpg": "not an image", "truncated.png": "", "bomb.png": "bomb",
             "tiny.png": "too small", "broken_link.jpg": "not found"}
 
 

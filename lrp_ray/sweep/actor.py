@@ -64,8 +64,12 @@ class LrpWorker:
         self.feature_chunk = feature_chunk
         self.caches: OrderedDict[str, tuple[Any, dict]] = OrderedDict()
         self.stats = {"forwards": 0, "imports": 0, "exports": 0, "items": 0, "evictions": 0,
-                      "max_caches": 0, "max_cache_bytes": 0, "load_seconds": time.perf_counter() - t0}
+                      "derived_drops": 0, "max_caches": 0, "max_cache_bytes": 0, "max_derived_bytes": 0,
+                      "load_seconds": time.perf_counter() - t0, "decode_seconds": 0.0,
+                      "forward_seconds": 0.0, "import_seconds": 0.0, "relevance_seconds": 0.0,
+                      "table_seconds": 0.0}
         self.pid = os.getpid()
+        self._t: dict[str, float] = dict.fromkeys(("decode", "forward", "import", "relevance", "table"), 0.0)
 
     # ----------------------------------------------------------------- health
     @ray.method(concurrency_group="ping")
@@ -82,22 +86,45 @@ class LrpWorker:
         return 0
 
     # ----------------------------------------------------------------- caches
+    @staticmethod
+    def _footprint(cache: Any) -> int:
+        """Bytes a cache holds: its tensors plus the engine's derived data (per-token maps)."""
+        return int(cache.nbytes) + int(getattr(cache, "derived_nbytes", 0))
+
     def _store(self, key: str, cache: Any, meta: dict) -> None:
         self.caches[key] = (cache, meta)
         self.caches.move_to_end(key)
-        total = sum(c.nbytes for c, _ in self.caches.values())
+        self._enforce_budget()
+
+    def _enforce_budget(self) -> int:
+        """Keep the live caches (tensors + derived data) under the budget: evict least recently used caches,
+        then drop the newest cache's derived data (rebuilt on demand). One cache always stays."""
+        total = sum(self._footprint(c) for c, _ in self.caches.values())
         while total > self.cache_budget and len(self.caches) > 1:
-            old, (c, _) = self.caches.popitem(last=False)
-            total -= c.nbytes
+            _, (c, _) = self.caches.popitem(last=False)
+            total -= self._footprint(c)
             self.stats["evictions"] += 1
+        if total > self.cache_budget and self.caches:
+            c, _ = next(reversed(self.caches.values()))
+            if getattr(c, "derived_nbytes", 0):
+                total -= int(c.derived_nbytes)
+                c.drop_derived()
+                self.stats["derived_drops"] += 1
+        derived = sum(int(getattr(c, "derived_nbytes", 0)) for c, _ in self.caches.values())
         self.stats["max_caches"] = max(self.stats["max_caches"], len(self.caches))
         self.stats["max_cache_bytes"] = max(self.stats["max_cache_bytes"], total)
+        self.stats["max_derived_bytes"] = max(self.stats["max_derived_bytes"], derived)
+        return total
 
     def _forward(self, key: str, images: list) -> tuple[Any, dict]:
         from lrp_ray.models import preprocess
 
+        t0 = time.perf_counter()
         batch = preprocess(list(images), self.cfg)
+        t1 = time.perf_counter()
         cache = self.engine.forward(batch)
+        self._t["decode"] += t1 - t0
+        self._t["forward"] += time.perf_counter() - t1
         meta = {"image_sizes": [tuple(int(v) for v in s) for s in batch.image_sizes]}
         self.stats["forwards"] += 1
         self._store(key, cache, meta)
@@ -112,9 +139,11 @@ class LrpWorker:
             return cache, meta, "local"
         if cache_box:
             try:
+                t0 = time.perf_counter()
                 payload = ray.get(cache_box[0], timeout=600)
                 cache = ForwardCache.from_numpy(payload["cache"], device=self.device)
                 meta = payload["meta"]
+                self._t["import"] += time.perf_counter() - t0
                 self.stats["imports"] += 1
                 self._store(key, cache, meta)
                 return cache, meta, "import"
@@ -143,6 +172,7 @@ class LrpWorker:
         from .writer import result_to_table
 
         t0 = time.perf_counter()
+        self._t = dict.fromkeys(("decode", "forward", "import", "relevance", "table"), 0.0)
         cache, meta, source = self._get_cache(item["batch_key"], images_box, cache_box)
         t_cache = time.perf_counter() - t0
         features = list(item["features"])
@@ -155,6 +185,7 @@ class LrpWorker:
             chunk = max(1, min(chunk, int(fit)))
         except Exception:
             pass
+        t1 = time.perf_counter()
         while True:
             try:
                 res = self.engine.relevance(cache, item["module"], item["layer"], features, queries,
@@ -166,10 +197,19 @@ class LrpWorker:
                     self._empty_device_cache()
                     continue
                 raise
+        t2 = time.perf_counter()
+        self._t["relevance"] = t2 - t1
         table = result_to_table(res, image_names, meta["image_sizes"])
+        self._t["table"] = time.perf_counter() - t2
+        # the engine may have built derived data (per-token maps) for this cache: account for it now
+        footprint = self._footprint(cache)
+        self._enforce_budget()
         self.stats["items"] += 1
+        for k, v in self._t.items():
+            self.stats[f"{k}_seconds"] += v
         return {"uid": item["uid"], "table": table, "source": source, "chunk": chunk,
-                "cache_nbytes": int(cache.nbytes), "profile_names": list(res.profile_names),
+                "cache_nbytes": int(cache.nbytes), "footprint": footprint,
+                "profile_names": list(res.profile_names), "timings": dict(self._t),
                 "seconds": time.perf_counter() - t0, "cache_seconds": t_cache, "pid": self.pid,
                 "peak_rss": _rss_peak_bytes(), "peak_device": self._device_peak()}
 

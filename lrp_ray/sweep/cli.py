@@ -31,6 +31,8 @@ Exit codes:
   1  all work done, but some images could not be used (see errors.csv)
   2  bad request (unknown key, index out of range, missing files, ...); nothing was started
   3  incomplete: some work items failed or no worker was left; run the same command again to resume
+  4  results could not be written (disk full, read-only or blocked OUT); what OUT holds is complete
+     (no partial files): fix the cause, then run the same command again to resume
   130 interrupted (Ctrl-C); run the same command again to resume
 """
 
@@ -142,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BadRequest as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    if result.manifest.get("error"):
+        print(f"{prog}: error: {result.manifest['error']}", file=sys.stderr, flush=True)
     return result.exit_code
 
 

@@ -43,12 +43,14 @@ from .plan import Batch, Plan, WorkItem, make_plan
 from .spec import BadRequest, SweepSpec, check_queries, format_indices, resolve_indices, spec_hash
 from .writer import OWNED_NAMES, atomic_write_text, clean_temp_files, clear_outputs, done_keys, write_part
 
-__all__ = ["Prepared", "SweepResult", "SweepFailed", "prepare", "execute", "run_sweep", "in_ray_job",
-           "EXIT_OK", "EXIT_IMAGES_FAILED", "EXIT_BAD_REQUEST", "EXIT_INCOMPLETE", "EXIT_INTERRUPTED"]
+__all__ = ["Prepared", "SweepResult", "SweepFailed", "OutputError", "prepare", "execute", "run_sweep",
+           "in_ray_job", "EXIT_OK", "EXIT_IMAGES_FAILED", "EXIT_BAD_REQUEST", "EXIT_INCOMPLETE",
+           "EXIT_OUTPUT", "EXIT_INTERRUPTED"]
 
 log = logging.getLogger("lrp_ray.sweep")
 
-EXIT_OK, EXIT_IMAGES_FAILED, EXIT_BAD_REQUEST, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_IMAGES_FAILED, EXIT_BAD_REQUEST, EXIT_INCOMPLETE, EXIT_OUTPUT = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 130
 
 JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 RESULTS_ROOT_ENV = "LRP_RAY_RESULTS"
@@ -57,6 +59,20 @@ RESULTS_ROOT_ENV = "LRP_RAY_RESULTS"
 
 class SweepFailed(RuntimeError):
     """The sweep could not finish (no actors left, or stalled)."""
+
+
+class OutputError(RuntimeError):
+    """OUT could not be written (disk full, read-only, a file where a folder must go): exit code 4.
+
+    Every result file is written to a temp name and renamed, and a failed write removes its temp file, so
+    what OUT holds stays complete; the same command resumes once the cause is fixed.
+    """
+
+    def __init__(self, exc: BaseException, what: str = "results") -> None:
+        self.cause = exc
+        super().__init__(f"cannot write {what} ({_one_line(exc, 300)}); files already in OUT are complete "
+                         "and nothing partial was left: free space or fix OUT, then run the same command "
+                         "again to resume")
 
 
 def in_ray_job() -> bool:
@@ -204,7 +220,7 @@ def prepare(spec: SweepSpec, log_fn: Callable[[str], None] = print) -> Prepared:
     queries = check_queries(spec.queries, dims["num_queries"]) if "decoder" in spec.modules else None
     state = {k: v.detach().cpu().contiguous().numpy() for k, v in model.state_dict().items()}
     cfg = model.cfg
-    timings["model"] = time.perf_counter() - t1
+    timings["model_load"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
     ok, bad = validate(image_set)
@@ -218,7 +234,9 @@ def prepare(spec: SweepSpec, log_fn: Callable[[str], None] = print) -> Prepared:
             per_feature["decoder"] = int(queries[3:])
         else:
             per_feature["decoder"] = len(queries)
+    t3 = time.perf_counter()
     plan = make_plan([i.name for i in ok], spec.batch_size, layers, features, spec.feature_chunk, per_feature)
+    timings["plan"] = time.perf_counter() - t3
 
     result_key = {
         **{k: getattr(spec, k) for k in ("module", "rules", "epsilon", "precision", "batch_size")},
@@ -388,6 +406,10 @@ class _Scheduler:
         self.stats = {"forward_passes": 0, "cache_hits": 0, "cache_transfers": 0, "exports": 0,
                       "duplicate_results": 0, "item_retries": 0, "reassigned": 0, "actor_restarts": 0,
                       "actors_replaced": 0, "maps": 0, "rows": 0}
+        # seconds of this run: driver-side image reads and part writes; actor-side (summed over the items
+        # that were written) preprocessing, forward, cache import, propagation, result table
+        self.seconds = dict.fromkeys(("read_images", "writing", "decode", "forward", "import", "relevance",
+                                      "table"), 0.0)
         self.profile_names: dict[str, list[str]] = {}
         self.actor_peaks: dict[str, dict] = {}
         self.t_last_progress = time.monotonic()
@@ -483,7 +505,9 @@ class _Scheduler:
     def _open_batch(self, bs: _BatchState, a: _ActorState) -> None:
         from lrp_ray.models import read_image
 
+        t0 = time.perf_counter()
         images = [read_image(self.prep.image_root / name) for name in bs.batch.images]
+        self.seconds["read_images"] += time.perf_counter() - t0
         bs.images_ref = self.ray.put(images)
         bs.opened = True
         bs.owner = a.idx
@@ -618,13 +642,21 @@ class _Scheduler:
             self.stats["duplicate_results"] += 1
             return
         table = payload["table"]
-        write_part(self.dataset, it.part_relpath, table)
+        t0 = time.perf_counter()
+        try:
+            write_part(self.dataset, it.part_relpath, table)
+        except OSError as exc:  # disk full, read-only, a file where a folder must go: stop cleanly
+            raise OutputError(exc, f"{self.dataset / it.part_relpath}") from exc
+        self.seconds["writing"] += time.perf_counter() - t0
+        for k, v in (payload.get("timings") or {}).items():
+            if k in self.seconds:
+                self.seconds[k] += float(v)
         self.done.add(uid)
         self.remaining -= 1
         bs.remaining -= 1
         bs.ready = True
         bs.holders.add(idx)
-        bs.nbytes = max(bs.nbytes, int(payload["cache_nbytes"]))
+        bs.nbytes = max(bs.nbytes, int(payload.get("footprint", payload["cache_nbytes"])))
         self.max_nbytes = max(self.max_nbytes, bs.nbytes)
         src = payload["source"]
         self.stats["forward_passes"] += int(src == "forward")
@@ -834,7 +866,12 @@ def _base_manifest(prep: Prepared, status: str) -> dict:
 
 def execute(prep: Prepared, *, log_fn: Callable[[str], None] = print, progress: bool | None = None,
             on_event: Callable[..., None] | None = None) -> SweepResult:
-    """Run the prepared sweep: actors, scheduling, writing, summary, manifest."""
+    """Run the prepared sweep: actors, scheduling, writing, summary, manifest.
+
+    Exit codes: see the ``EXIT_*`` constants (documented in the CLI's ``--help``). A result file that cannot
+    be written (disk full, read-only OUT) stops the sweep with :data:`EXIT_OUTPUT`; nothing partial is left
+    and the same request resumes once OUT is writable again.
+    """
     from .summary import write_errors, write_summary
 
     t_start = time.perf_counter()
@@ -846,6 +883,7 @@ def execute(prep: Prepared, *, log_fn: Callable[[str], None] = print, progress: 
     # Ray first: a cluster that cannot be reached must not cost the results already in OUT (--overwrite)
     shutdown, run_desc = False, "nothing to compute"
     n_actors, opts, device, nodes = 0, {}, None, []
+    t_ray = time.perf_counter()
     if todo:
         try:
             shutdown, run_desc = connect(spec.address)
@@ -863,36 +901,42 @@ def execute(prep: Prepared, *, log_fn: Callable[[str], None] = print, progress: 
             raise
         n_actors = max(1, min(n_actors, len(todo)))
         nodes = sorted({n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")})
+    ray_start = time.perf_counter() - t_ray
 
-    if spec.overwrite:
-        clear_outputs(out)
-    dataset.mkdir(parents=True, exist_ok=True)
-    clean_temp_files(dataset)
-    if prep.out_note:
-        log_fn(prep.out_note)
-    log_fn(f"results: {out}")
     n_items = len(prep.plan.items)
     skipped = n_items - len(todo)
     total_maps = prep.plan.total_maps
     maps_before = sum(it.n_maps for it in prep.plan.items if it.part_relpath in finished)
-    if skipped:
-        log_fn(f"resuming: {skipped} of {n_items} work items already done")
-    write_errors(out, prep.errors)
-    manifest = _base_manifest(prep, "running")
-    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
-
     status = "complete"
     sched = None
     actors_info: list[dict] = []
     exit_code = EXIT_OK
     t_sweep = 0.0
+    output_error: OutputError | None = None
     try:
+        try:
+            if spec.overwrite:
+                clear_outputs(out)
+            dataset.mkdir(parents=True, exist_ok=True)
+            clean_temp_files(dataset)
+            if prep.out_note:
+                log_fn(prep.out_note)
+            log_fn(f"results: {out}")
+            if skipped:
+                log_fn(f"resuming: {skipped} of {n_items} work items already done")
+            write_errors(out, prep.errors)
+            manifest = _base_manifest(prep, "running")
+            atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
+        except OSError as exc:
+            raise OutputError(exc, f"to {out}") from exc
         if todo:
             import ray
 
+            t_put = time.perf_counter()
             engine_opts = {"rules": spec.rules, "epsilon": spec.epsilon, "precision": spec.precision,
                            "device": device, "compile": spec.compile}
             state_ref = ray.put(prep.state)
+            ray_start += time.perf_counter() - t_put
             per_actor_budget = int(spec.cache_budget_mb) << 20
             chunk = None if spec.feature_chunk == "auto" else int(spec.feature_chunk)
             log_fn(f"{run_desc}: {n_actors} actor(s) on {device}, {len(todo)} work items, "
@@ -939,6 +983,11 @@ def execute(prep: Prepared, *, log_fn: Callable[[str], None] = print, progress: 
         log_fn(f"sweep stopped: {exc}; finished work items are kept; run again to resume")
         if sched is not None:
             sched.stop_actors()
+    except OutputError as exc:
+        status, exit_code, output_error = "output_error", EXIT_OUTPUT, exc
+        log_fn(f"sweep stopped: {exc}")
+        if sched is not None:
+            sched.stop_actors()
     finally:
         if shutdown:
             import ray
@@ -946,7 +995,14 @@ def execute(prep: Prepared, *, log_fn: Callable[[str], None] = print, progress: 
             ray.shutdown()
 
     t_sum = time.perf_counter()
-    summary = write_summary(out) if status != "interrupted" else None
+    summary = None
+    if status not in ("interrupted", "output_error"):
+        try:
+            summary = write_summary(out)
+        except OSError as exc:
+            output_error = OutputError(exc, f"{out / 'summary.csv'}")
+            status, exit_code = "output_error", EXIT_OUTPUT
+            log_fn(f"sweep stopped: {output_error}")
     t_sum = time.perf_counter() - t_sum
     heatmaps = None
     if spec.heatmaps and status == "complete":
@@ -958,6 +1014,7 @@ def execute(prep: Prepared, *, log_fn: Callable[[str], None] = print, progress: 
     failed_items = dict(sched.failed) if sched else {}
     manifest = _base_manifest(prep, status)
     peak_driver = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    sec = dict(sched.seconds) if sched else {}
     manifest.update({
         "run": {"ray": run_desc, "nodes": nodes, "actors": n_actors, "device": device,
                 "actors_info": actors_info},
@@ -974,9 +1031,9 @@ def execute(prep: Prepared, *, log_fn: Callable[[str], None] = print, progress: 
         "reliability": {k: stats.get(k, 0) for k in ("item_retries", "reassigned", "duplicate_results",
                                                        "actor_restarts", "actors_replaced")},
         "failed_items": failed_items,
-        "timings": {**{k: round(v, 3) for k, v in prep.timings.items()}, "sweep": round(t_sweep, 3),
-                    "summary": round(t_sum, 3),
-                    "total": round(prep.timings.get("prepare", 0) + time.perf_counter() - t_start, 3)},
+        "error": None if output_error is None else str(output_error),
+        "timings": _timings(prep, ray_start, t_sweep, t_sum, sec,
+                            prep.timings.get("prepare", 0) + time.perf_counter() - t_start),
         "peak_memory": {"driver_rss": peak_driver,
                         "actors": sched.actor_peaks if sched else {}},
         "profile_names": sched.profile_names if sched else {},
@@ -985,9 +1042,40 @@ def execute(prep: Prepared, *, log_fn: Callable[[str], None] = print, progress: 
     if prep.resumed and prep.old_manifest:
         old_names = prep.old_manifest.get("profile_names", {})
         manifest["profile_names"] = {**old_names, **manifest["profile_names"]}
-    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2, default=str))
+    try:
+        atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2, default=str))
+    except OSError as exc:  # OUT still unwritable: the manifest of the run (status "running") stays
+        if output_error is None:
+            output_error = OutputError(exc, f"{out / 'manifest.json'}")
+            manifest.update(status="output_error", error=str(output_error))
+            exit_code = EXIT_OUTPUT
+            log_fn(f"sweep stopped: {output_error}")
     _final_table(log_fn, prep, manifest, summary)
     return SweepResult(out, exit_code, manifest, prep.errors, failed_items)
+
+
+def _timings(prep: Prepared, ray_start: float, sweep: float, summary: float, sec: dict[str, float],
+             total: float) -> dict[str, float]:
+    """Wall seconds of the phases, and where the sweep's time went (``manifest.json`` ``timings``).
+
+    Driver wall seconds: ``discover``, ``model_load`` (config + weights, once on the driver; each actor's
+    own build is its ``stats.load_seconds``), ``validate_images`` (every image decoded once), ``plan``,
+    ``prepare`` (all of these), ``ray_start`` (connect or start Ray, cluster resources, the weights into the
+    object store), ``sweep`` (actors started to last item), ``summary``, ``total``.
+    Summed over this run's written work items: ``decode`` (image reads on the driver + resize/normalise on
+    the actors), ``forward``, ``cache_import``, ``propagation`` (actor-seconds: with several actors they
+    can add up to more than ``sweep``), ``writing`` (the driver's Parquet part writes) and
+    ``result_tables`` (rows to Arrow on the actors).
+    """
+    out = {k: v for k, v in prep.timings.items()}
+    out.update({
+        "ray_start": ray_start, "sweep": sweep, "summary": summary,
+        "decode": sec.get("read_images", 0.0) + sec.get("decode", 0.0),
+        "forward": sec.get("forward", 0.0), "cache_import": sec.get("import", 0.0),
+        "propagation": sec.get("relevance", 0.0), "result_tables": sec.get("table", 0.0),
+        "writing": sec.get("writing", 0.0), "total": total,
+    })
+    return {k: round(float(v), 3) for k, v in out.items()}
 
 
 def _render_heatmaps(prep: Prepared, log_fn: Callable[[str], None]) -> dict | None:

@@ -118,6 +118,8 @@ def _check_one(image_set: ImageSet, name: str) -> ImageInfo | ImageError:
 
     path = image_set.path(name)
     try:
+        if path.is_file() and path.stat().st_size == 0:
+            return ImageError(name, "empty file (0 bytes)")
         arr = read_image(path)
         data = path.read_bytes()
     except ImageReadError as exc:

@@ -252,6 +252,10 @@ def load_spec(path: str | Path) -> dict[str, Any]:
         raise BadRequest(f"--spec {path}: file not found")
     try:
         data = yaml.safe_load(p.read_text())
+    except yaml.constructor.ConstructorError as exc:  # e.g. !!python/object: never constructed
+        tag = f" {exc.problem.split('tag', 1)[-1].strip()}" if exc.problem and "tag" in exc.problem else ""
+        raise BadRequest(f"--spec {path}: refused a YAML tag{tag}; job files are read with a safe loader "
+                         "(plain keys and values only)") from None
     except yaml.YAMLError as exc:
         raise BadRequest(f"--spec {path}: not valid YAML: {' '.join(str(exc).split())}") from None
     if data is None:

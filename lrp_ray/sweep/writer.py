@@ -96,21 +96,43 @@ def _tmp_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.tmp-{os.getpid()}")
 
 
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def write_part(dataset: Path, relpath: str, table: pa.Table) -> Path:
-    """Write ``table`` to ``dataset/relpath`` atomically (temp file + rename); returns the path."""
+    """Write ``table`` to ``dataset/relpath`` atomically (temp file + rename); returns the path.
+
+    On any error (disk full, read-only folder, ...) the temp file is removed and the error re-raised:
+    a part file that exists is always complete.
+    """
     final = dataset / relpath
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(final)
-    pq.write_table(table.cast(SCHEMA), tmp, compression="zstd")
-    os.replace(tmp, final)
+    try:
+        pq.write_table(table.cast(SCHEMA), tmp, compression="zstd")
+        os.replace(tmp, final)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
     return final
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file and a rename (no partial file on errors)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
 
 
 def done_keys(dataset: Path) -> set[str]:
