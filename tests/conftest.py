@@ -153,3 +153,14 @@ def drop_dac_override() -> None:
     pr_capbset_drop = 24
     for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
         libc.prctl(pr_capbset_drop, cap, 0, 0, 0)
+
+
+@pytest.fixture()
+def no_ray(monkeypatch):
+    """Fails the test if the sweep gets as far as starting or joining Ray (so no actor can start)."""
+    from lrp_ray.sweep import driver
+
+    def refuse(*a, **k):
+        raise AssertionError("a bad request reached Ray")
+
+    monkeypatch.setattr(driver, "connect", refuse)

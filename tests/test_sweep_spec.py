@@ -104,19 +104,23 @@ def wrong_weights(tmp_path):
 
 
 BAD_REQUESTS = {
-    "layer out of range": (["--layers", "0-9"], r"layers 2-9 out of range.*0-1"),
-    "feature out of range": (["--features", "30-40"], r"features 32-40 out of range.*0-31"),
-    "query out of range": (["--module", "decoder", "--queries", "7"], r"queries 7 out of range.*0-4"),
-    "unknown module": (["--module", "middle"], r"invalid choice: 'middle'"),
-    "batch size 0": (["--batch-size", "0"], r"batch_size"),
-    "bad layers syntax": (["--layers", "x-y"], r"layers: cannot read"),
-    "missing image folder": (["--images", "/nonexistent/images"], r"no such folder"),
-    "missing weights": (["--weights", "/nonexistent/model.pth"], r"--weights .*file not found"),
+    "layer out of range": (["--layers", "0-9"], r"encoder layers 2-9 out of range.*\(encoder layers 0-1\)"),
+    "feature out of range": (["--features", "30-40"], r"features 32-40 out of range.*\(features 0-31\)"),
+    "query out of range": (["--module", "decoder", "--queries", "7"], r"queries 7 out of range.*\(0-4\)"),
+    "too many top queries": (["--module", "decoder", "--queries", "top9"], r"queries top9.*\(top1-top5\)"),
+    "unknown module": (["--module", "middle"],
+                       r"invalid choice: 'middle' \(choose from 'encoder', 'decoder', 'both'\)"),
+    "batch size 0": (["--batch-size", "0"], r"batch_size: must be >= 1, got 0"),
+    "feature chunk 0": (["--feature-chunk", "0"], r"feature_chunk: must be >= 1 or 'auto', got 0"),
+    "bad layers syntax": (["--layers", "x-y"], r"layers: cannot read 'x-y'; expected 'all', 'a-b', 'a,b,c'"),
+    "unknown flag": (["--layer", "1", "--featurez", "2"], r"unrecognized arguments: --featurez 2"),
+    "missing image folder": (["--images", "/nonexistent/images"], r"/nonexistent/\S+: no such folder"),
+    "missing weights": (["--weights", "/nonexistent/model.pth"], r"--weights /\S+: file not found"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
-def test_bad_requests_exit_2_before_anything_starts(case, tiny_images, tiny_config, tmp_path, capsys):
+def test_bad_requests_exit_2_before_anything_starts(case, tiny_images, tiny_config, tmp_path, capsys, no_ray):
     args, pattern = BAD_REQUESTS[case]
     out = tmp_path / "out"
     base = ["--images", str(tiny_images), "--out", str(out), "--config", str(tiny_config)]
@@ -126,10 +130,10 @@ def test_bad_requests_exit_2_before_anything_starts(case, tiny_images, tiny_conf
     import re
 
     assert re.search(pattern, err), err
-    assert not (out / "manifest.json").exists()
+    assert not out.exists()
 
 
-def test_more_bad_requests(tiny_images, tiny_config, tmp_path, wrong_weights, capsys):
+def test_more_bad_requests(tiny_images, tiny_config, tmp_path, wrong_weights, capsys, no_ray):
     opts = ["--config", str(tiny_config)]
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
@@ -138,14 +142,28 @@ def test_more_bad_requests(tiny_images, tiny_config, tmp_path, wrong_weights, ca
     a_file.write_text("x")
     spec_bad = tmp_path / "bad.yaml"
     spec_bad.write_text("features: all\nfeaturez: 3\n")
+    spec_values = tmp_path / "values.yaml"
+    spec_values.write_text("module: middle\nbatch_size: 0\nlayers: [a, 1]\n")
+    spec_broken = tmp_path / "broken.yaml"
+    spec_broken.write_text("layers: [0, 1\n")
+    spec_list = tmp_path / "list.yaml"
+    spec_list.write_text("- module: encoder\n")
     cases = [
         (["--images", str(empty), "--out", str(tmp_path / "o1"), *opts], "holds no image files"),
-        (["--images", str(tiny_images), "--out", str(a_file), *opts], "is a file"),
-        (["--images", str(tiny_images), "--out", str(a_file / "sub"), *opts], "is a file"),
-        (["--spec", str(spec_bad), "--images", str(tiny_images)], "featurez: unknown key"),
+        (["--images", str(tiny_images), "--out", str(a_file), *opts],
+         "--out .*a_file: is a file; give a folder"),
+        (["--images", str(tiny_images), "--out", str(a_file / "sub"), *opts],
+         "a_file is a file, not a folder"),
+        (["--spec", str(spec_bad), "--images", str(tiny_images)],
+         r"featurez: unknown key \(valid keys: .*module"),
+        (["--spec", str(spec_values), "--images", str(tiny_images)],
+         r"module: must be 'encoder', 'decoder' or 'both'; layers: expected .*; batch_size: must be >= 1"),
+        (["--spec", str(spec_broken)], "broken.yaml: not valid YAML"),
+        (["--spec", str(spec_list)], "top level must be a mapping of spec keys, got list"),
         (["--spec", str(tmp_path / "missing.yaml")], "file not found"),
         (["--images", str(tiny_images), "--out", str(tmp_path / "o2"), "--config",
-          str(wrong_weights / "config.yaml"), "--weights", str(wrong_weights / "other.pth")], "--weights"),
+          str(wrong_weights / "config.yaml"), "--weights", str(wrong_weights / "other.pth")],
+         r"--weights: .*(size mismatch|shape|HIDDEN_DIM)"),
         (["--images", str(tiny_images), "--out", str(tmp_path / "o3"),
           "--config", str(tmp_path / "nope.yaml")], "--config .*file not found"),
         (["--images", str(tiny_images), "--out", str(tmp_path / "o4"), "--opt", "MODEL.DETR.HIDDEN_DIMM=4"],
@@ -157,6 +175,7 @@ def test_more_bad_requests(tiny_images, tiny_config, tmp_path, wrong_weights, ca
         assert main(args) == 2, args
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and re.search(pattern, err), (args, err)
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
 
 
 def test_nonempty_foreign_out_is_refused(tiny_images, tiny_config, tmp_path, capsys):

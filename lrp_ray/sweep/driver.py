@@ -164,7 +164,12 @@ def _load_model(spec: SweepSpec, log_fn: Callable[[str], None]) -> Any:
     except (FileNotFoundError, PermissionError) as exc:
         raise BadRequest(_one_line(exc)) from None
     except Exception as exc:  # ConfigError, CheckpointError (weights that do not fit), ...
-        what = "--weights" if spec.weights and "heckpoint" in type(exc).__name__ else "model"
+        kind = type(exc).__name__
+        what = "model"
+        if spec.weights and "heckpoint" in kind:
+            what = "--weights"
+        elif spec.config and "Config" in kind and str(Path(spec.config).expanduser()) in str(exc):
+            what = "--config"
         raise BadRequest(f"{what}: {_one_line(exc)}") from None
 
 

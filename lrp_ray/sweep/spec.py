@@ -98,7 +98,7 @@ class SweepSpec(BaseModel):
     @classmethod
     def _positive(cls, v: Any, info: Any) -> Any:
         if isinstance(v, int) and v < 1:
-            raise ValueError(f"{info.field_name} must be >= 1 or 'auto', got {v}")
+            raise ValueError(f"must be >= 1 or 'auto', got {v}")
         return v
 
     @field_validator("out")
@@ -222,19 +222,36 @@ def format_indices(idx: Sequence[int]) -> str:
     return ",".join(parts)
 
 
+_UNION_HINTS = {
+    "layers": "expected 'all', 'a-b', 'a,b,c' or a list of non-negative integers",
+    "features": "expected 'all', 'a-b', 'a,b,c' or a list of non-negative integers",
+    "queries": "expected 'all', 'topK' (e.g. 'top5') or a list of query ids",
+    "feature_chunk": "expected an integer >= 1 or 'auto'",
+    "actors": "expected an integer >= 1 or 'auto'",
+}
+
+
 def _validation_message(exc: ValidationError, source: str) -> str:
     msgs = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err.get("loc", ()))
-        msg = err.get("msg", "").removeprefix("Value error, ")
-        if err.get("type") == "extra_forbidden":
+        key = str(err.get("loc", ("?",))[0])
+        kind = err.get("type")
+        msg = err.get("msg", "").removeprefix("Value error, ").removeprefix(f"{key}: ")
+        if kind == "extra_forbidden":
             valid = ", ".join(SweepSpec.model_fields)
             msg = f"unknown key (valid keys: {valid})"
-        elif err.get("type") == "literal_error":
+        elif kind == "literal_error":
             msg = msg.replace("Input should be", "must be")
+        elif kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+            op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=",
+                  "less_than": "<"}[kind]
+            bound = next(iter((err.get("ctx") or {}).values()), "?")
+            msg = f"must be {op} {bound}, got {err.get('input')!r}"
+        elif key in _UNION_HINTS and kind != "value_error":  # a type error of one member of a union
+            msg = _UNION_HINTS[key]
         # union types repeat one error per member; keep the key's first message only
-        if not any(m.startswith(f"{loc.split('.')[0]}:") for m in msgs):
-            msgs.append(f"{loc.split('.')[0]}: {msg}")
+        if not any(m.startswith(f"{key}:") for m in msgs):
+            msgs.append(f"{key}: {msg}")
     return f"{source}: " + "; ".join(msgs)
 
 
