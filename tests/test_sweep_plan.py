@@ -66,7 +66,7 @@ def test_rows_match_engine_records(engine_and_batch, module, queries):
         assert (got["image_h"], got["image_w"]) == tuple(TINY_SIZES[got["image"]])
 
 
-def test_writer_atomic_resume_listing_and_summary(engine_and_batch, tmp_path):
+def test_writer_atomic_resume_listing_and_summary(engine_and_batch, tmp_path, monkeypatch):
     engine, cache, names, sizes = engine_and_batch
     ds = tmp_path / "relevance"
     for layer in (0, 1):
@@ -98,3 +98,9 @@ def test_writer_atomic_resume_listing_and_summary(engine_and_batch, tmp_path):
     assert (dec.n_rows == 3 * 2).all() and (dec.n_images == 3).all()
     on_disk = pd.read_csv(tmp_path / "summary.csv")
     assert len(on_disk) == len(summary)
+    # one part file at a time (the streamed merge) = all at once
+    import lrp_ray.sweep.summary as summary_mod
+
+    monkeypatch.setattr(summary_mod, "_CHUNK_BYTES", 1)
+    one_by_one = write_summary(tmp_path)
+    pd.testing.assert_frame_equal(one_by_one, summary, check_exact=False, rtol=1e-12)

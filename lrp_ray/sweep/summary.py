@@ -67,17 +67,39 @@ def _top(best: pd.Series, feature: int, k: int) -> str:
     return "|".join(s.index[:k].astype(str))
 
 
+_CHUNK_BYTES = 64 << 20
+"""Part files are read together until their columns reach this many bytes (memory stays bounded; many
+small part files, e.g. one image per batch, cost one pass instead of one pass each)."""
+
+
+def _chunks(files: list[Path], limit: int | None = None):
+    """Tables of consecutive part files (``_COLS`` only), each about ``limit`` bytes at most."""
+    import pyarrow as pa
+
+    limit = _CHUNK_BYTES if limit is None else limit
+    pending: list = []
+    size = 0
+    for f in sorted(files):
+        table = pq.read_table(f, columns=_COLS)
+        if table.num_rows == 0:
+            continue
+        pending.append(table)
+        size += table.nbytes
+        if size >= limit:
+            yield pa.concat_tables(pending)
+            pending, size = [], 0
+    if pending:
+        yield pa.concat_tables(pending)
+
+
 def summarize_partition(files: list[Path], module: str, layer: int) -> pd.DataFrame:
-    """Summary rows of one module/layer, reading its part files one at a time (memory: one file)."""
+    """Summary rows of one module/layer, reading its part files a bounded chunk at a time."""
     moments = {c: _Moments() for c in ("relevance_total", "input_relevance", "act_mean", "act_max")}
     best_act: list[pd.Series] = []
     best_rel: list[pd.Series] = []
     images: dict[int, set] = {}
     chan_sum: dict[int, np.ndarray] = {}
-    for f in sorted(files):
-        table = pq.read_table(f, columns=_COLS)
-        if table.num_rows == 0:
-            continue
+    for table in _chunks(files):
         chan = table.column("channel_relevance").combine_chunks()
         width = len(chan[0])
         flat = chan.flatten().to_numpy(zero_copy_only=False)
@@ -92,7 +114,7 @@ def summarize_partition(files: list[Path], module: str, layer: int) -> pd.DataFr
             images.setdefault(feature, set()).update(df["image"].iloc[idx])
             part = chan_np[idx].sum(0)
             chan_sum[feature] = part if feature not in chan_sum else chan_sum[feature] + part
-        # keep the per-(feature, image) maxima small as files accumulate
+        # keep the per-(feature, image) maxima small as chunks accumulate
         best_act = [pd.concat(best_act).groupby(level=[0, 1]).max()]
         best_rel = [pd.concat(best_rel).groupby(level=[0, 1]).max()]
     if not chan_sum:
