@@ -24,22 +24,27 @@ Recipe (DETR's, scaled down):
 
 from __future__ import annotations
 
-import argparse
-import copy
-import json
-import math
 import os
-import platform
-import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 
-import torch
-from torch import Tensor, nn
+# On a shared CPU, OpenMP threads that spin at barriers while their partner is descheduled make a step
+# 10x slower; passive waiting costs nothing when the machine is idle. Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .criterion import LossWeights, SetCriterion, Target, box_xyxy_to_cxcywh
-from .scenes import CLASS_NAMES, HELDOUT_START, Scene, generate_scene
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Iterator, Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from .criterion import LossWeights, SetCriterion, Target, box_xyxy_to_cxcywh  # noqa: E402
+from .scenes import CLASS_NAMES, HELDOUT_START, Scene, generate_scene  # noqa: E402
 
 VAL_START = 50_000
 
@@ -149,6 +154,7 @@ def train(model: nn.Module,
           evaluate: Callable[[nn.Module], dict[str, float]], *, steps: int, batch: int, lr: float,
           backbone_lr: float, weight_decay: float = 1e-4, clip: float = 0.1, warmup: int = 300,
           eval_every: int = 500, precise_bn_batches: int = 50, log: Callable[[str], None] = print,
+          on_best: Callable[[nn.Module, int, dict], None] | None = None,
           backbone_prefix: str = "backbone.") -> tuple[nn.Module, dict]:
     """Generic DETR training loop.
 
@@ -203,6 +209,8 @@ def train(model: nn.Module,
             log(f"eval step {step + 1}: {json.dumps({k: round(v, 4) for k, v in metrics.items()})}")
             if metrics["AP50_car"] >= best_ap:
                 best, best_ap, best_step = frozen, metrics["AP50_car"], step + 1
+                if on_best is not None:
+                    on_best(frozen, step + 1, metrics)
             model.train()
     history.update(best_step=best_step, best_val_AP50_car=best_ap, train_seconds=round(time.time() - t0, 1),
                    scenes_seen=next_index)
@@ -213,8 +221,8 @@ def train(model: nn.Module,
 DEMO_CONFIG = {
     "MODEL.META_ARCHITECTURE": "Detr",
     "MODEL.RESNETS.DEPTH": 18,
-    "MODEL.RESNETS.STEM_OUT_CHANNELS": 16,
-    "MODEL.RESNETS.RES2_OUT_CHANNELS": 16,
+    "MODEL.RESNETS.STEM_OUT_CHANNELS": 12,
+    "MODEL.RESNETS.RES2_OUT_CHANNELS": 12,
     "MODEL.DETR.HIDDEN_DIM": 64,
     "MODEL.DETR.NHEADS": 4,
     "MODEL.DETR.ENC_LAYERS": 3,
@@ -223,8 +231,8 @@ DEMO_CONFIG = {
     "MODEL.DETR.DROPOUT": 0.0,
     "MODEL.DETR.NUM_OBJECT_QUERIES": 10,
     "MODEL.DETR.NUM_CLASSES": 3,
-    "INPUT.MIN_SIZE_TEST": 128,
-    "INPUT.MAX_SIZE_TEST": 224,
+    "INPUT.MIN_SIZE_TEST": 224,
+    "INPUT.MAX_SIZE_TEST": 384,
 }
 
 
@@ -232,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lrp_ray.demo.train", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="lrp_ray/assets/demo",
                     help="output folder (config.yaml, model_final.pth)")
-    ap.add_argument("--steps", type=int, default=5000)
+    ap.add_argument("--steps", type=int, default=3500)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--backbone-lr", type=float, default=1.5e-4)
@@ -268,9 +276,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     best, hist = train(model, lambda m, s: modelio.forward_layers(m, cfg, s),
                        lambda m: evaluate_model(m, cfg, scenes=val), steps=args.steps, batch=args.batch,
                        lr=args.lr, backbone_lr=args.backbone_lr, eval_every=args.eval_every,
-                       precise_bn_batches=args.precise_bn, log=log)
+                       precise_bn_batches=args.precise_bn, log=log,
+                       on_best=lambda m, step, _: modelio.save_detectron2(m, out / "model_best_so_far.pth"))
     wall, cpu = time.time() - t0, time.process_time() - c0
     size = modelio.save_detectron2(best, out / "model_final.pth")
+    (out / "model_best_so_far.pth").unlink(missing_ok=True)
     test = evaluate_model(best, cfg, n=args.test, start=HELDOUT_START)
     log(f"test ({args.test} held-out scenes from {HELDOUT_START}): {json.dumps(test)}")
     cmd = "python -m lrp_ray.demo.train " + " ".join(argv if argv is not None else sys.argv[1:])

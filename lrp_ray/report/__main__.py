@@ -22,8 +22,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=3, help="top images per feature and ranking (default 3)")
     ap.add_argument("--images-root", default=None,
                     help="folder the image paths are relative to (default: from the manifest)")
-    ap.add_argument("--max-features", type=int, default=24,
-                    help="features per layer shown with images (default 24; 0 = all)")
+    ap.add_argument("--max-features", type=int, default=12,
+                    help="features per layer shown with images (default 12; 0 = all)")
     args = ap.parse_args(argv)
     if args.top < 0:
         ap.error("--top must be >= 0")

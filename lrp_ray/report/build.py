@@ -39,7 +39,6 @@ from lrp_ray.viz.heatmaps import (
     _partition_keys,
     _read_rgb,
     render_overlay,
-    row_title,
     select_top_rows,  # noqa: E402
 )
 
@@ -217,13 +216,14 @@ def _profile_figure(st: LayerStats, names: Sequence[str] | None) -> Any:
     frac = st.profile_frac_sum / max(st.profile_n, 1)
     mean = st.profile_sum / max(st.profile_n, 1)
     labels = list(names) if names is not None and len(names) == p else [str(i) for i in range(p)]
-    fig, ax = plt.subplots(figsize=(min(11.0, 3.0 + 0.35 * p), 3.0), dpi=DPI, layout="constrained")
-    ax.plot(range(p), frac, marker="o", lw=1.5, label="mean of relevance / target relevance")
+    fig, ax = plt.subplots(figsize=(min(11.0, max(6.5, 3.0 + 0.35 * p)), 3.2), dpi=DPI,
+                           layout="constrained")
+    ax.plot(range(p), frac, marker="o", lw=1.5, label="mean over rows of stage relevance / target")
     ax.axhline(1.0, color="gray", lw=0.8, ls="--")
     ax.set_xticks(range(p), labels, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("fraction of target")
-    ax.set_title(f"{st.module} layer {st.layer}: conservation profile "
-                 f"(mean absolute value at the last stage {mean[-1]:.3g})", fontsize=9)
+    ax.set_title(f"{st.module} layer {st.layer}: relevance kept at each stage (mean at the input "
+                 f"{mean[-1]:.3g})", fontsize=9)
     ax.legend(fontsize=7, loc="best")
     return fig
 
@@ -239,10 +239,11 @@ td,th{border:1px solid #ccc;padding:.2em .5em;text-align:left;vertical-align:top
 th{background:#f3f3f3}
 img{max-width:100%;height:auto}
 .grid{display:flex;flex-wrap:wrap;gap:8px}
-.grid figure{margin:0;width:300px}
+.grid figure{margin:0;width:260px}
 .grid figcaption{font-size:.75em;color:#555;word-break:break-all}
 .muted{color:#777;font-size:.85em}
 nav a{margin-right:.8em}
+.scroll{overflow-x:auto;max-width:100%}
 pre{background:#f7f7f7;padding:.6em;overflow:auto;font-size:.8em;max-height:24em}
 details summary{cursor:pointer}
 """
@@ -263,13 +264,29 @@ def _kv_table(items: Iterable[tuple[str, Any]]) -> str:
     return "<table>" + "".join(rows) + "</table>"
 
 
+def _cell(text: str) -> str:
+    """A CSV cell for display: floats to 4 significant digits, long texts shortened."""
+    t = text.strip()
+    if t and not t.lstrip("-").isdigit():
+        try:
+            return f"{float(t):.4g}"
+        except ValueError:
+            pass
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _csv_table(header: list[str], rows: list[list[str]], total: int) -> str:
     if not header:
         return ""
     head = "".join(f"<th>{_esc(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in r) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{_esc(_cell(c))}</td>" for c in r) + "</tr>" for r in rows)
     more = f'<p class="muted">{total - len(rows)} more rows not shown</p>' if total > len(rows) else ""
-    return f"<table><tr>{head}</tr>{body}</table>{more}"
+    return '<div class="scroll">' + f"<table><tr>{head}</tr>{body}</table></div>{more}"
+
+
+def _layer_key(key: tuple[str, int]) -> tuple[int, str, int]:
+    module, layer = key
+    return ({"encoder": 0, "decoder": 1}.get(module, 2), module, layer)
 
 
 def _anchor(module: str, layer: int, feature: int | None = None) -> str:
@@ -286,8 +303,8 @@ def _pick_features(st: LayerStats, max_features: int | None) -> list[int]:
 
 
 def build_report(out_dir: str | Path, html_path: str | Path | None = None, top: int = 3,
-                 images_root: str | Path | None = None, max_features: int | None = 24,
-                 thumb_px: int = 300) -> Path:
+                 images_root: str | Path | None = None, max_features: int | None = 12,
+                 thumb_px: int = 260) -> Path:
     """Build ``out_dir/report.html`` (or ``html_path``) from a sweep results folder; returns its path.
 
     ``top``: images per feature and ranking (activation, relevance). ``images_root``: the folder image
@@ -320,7 +337,8 @@ def build_report(out_dir: str | Path, html_path: str | Path | None = None, top: 
     parts.append(f"<h1>{_esc(title)}</h1>")
     parts.append(f'<p class="muted">Generated {_esc(_dt.datetime.now().isoformat(timespec="seconds"))} from '
                  f"{_esc(out.resolve())}. Red = positive relevance, blue = negative, white = 0.</p>")
-    nav = " ".join(f'<a href="#{_anchor(m, lay)}">{_esc(m)} L{lay}</a>' for (m, lay) in sorted(stats))
+    order = sorted(stats, key=_layer_key)
+    nav = " ".join(f'<a href="#{_anchor(m, lay)}">{_esc(m)} L{lay}</a>' for (m, lay) in order)
     parts.append(f"<nav>{nav}</nav>")
 
     # Run metadata.
@@ -335,20 +353,21 @@ def build_report(out_dir: str | Path, html_path: str | Path | None = None, top: 
         parts.append('<p class="muted">no manifest.json</p>')
     header, rows, total = _read_csv(out / "summary.csv", limit=200)
     if header:
-        parts.append("<h3>summary.csv</h3>" + _csv_table(header, rows, total))
+        parts.append(f"<details><summary><b>summary.csv</b> ({total} rows)</summary>"
+                     + _csv_table(header, rows, total) + "</details>")
     eh, er, et = _read_csv(out / "errors.csv", limit=50)
     if et:
         parts.append(f"<h3>errors.csv ({et} errors)</h3>" + _csv_table(eh, er, et))
     layer_rows = [(f"{m} layer {lay}",
                    f"{st.rows} rows, {len(st.images)} images, {len(st.feature_n)} features, "
                    f"target relevance {st.target_sum:.4g}, input relevance {st.input_sum:.4g}")
-                  for (m, lay), st in sorted(stats.items())]
+                  for (m, lay), st in sorted(stats.items(), key=lambda kv: _layer_key(kv[0]))]
     parts.append("<h3>Layers</h3>" + _kv_table(layer_rows))
 
     image_cache: dict[str, np.ndarray | None] = {}
     input_size, stride = _input_geometry(manifest)
     n_missing = 0
-    for key in sorted(stats):
+    for key in order:
         st = stats[key]
         module, layer = key
         parts.append(f'<h2 id="{_anchor(module, layer)}">{_esc(module)} layer {layer}</h2>')
@@ -375,7 +394,14 @@ def build_report(out_dir: str | Path, html_path: str | Path | None = None, top: 
             mean_act = st.feature_act.get(fe, 0.0) / max(st.feature_n.get(fe, 1), 1)
             parts.append(f'<h4 id="{_anchor(module, layer, fe)}">feature {fe} '
                          f'<span class="muted">mean activation {mean_act:.4g}</span></h4><div class="grid">')
-            for r in sorted(rows_f, key=lambda r: (r.kind, r.rank)):
+            # One overlay per distinct (image, query): the top-N by activation and by relevance overlap.
+            groups: dict[tuple[str, int | None], list[TopRow]] = {}
+            for r in sorted(rows_f, key=lambda r: (r.rank, r.kind)):
+                groups.setdefault((r.image, r.query), []).append(r)
+            for rs in groups.values():
+                r = rs[0]
+                tags = ", ".join(f"#{x.rank} by {'activation' if x.kind == 'act' else 'relevance'} "
+                                 f"({x.score:.3g})" for x in rs)
                 if r.image not in image_cache:
                     image_cache[r.image] = _read_rgb(root / r.image)
                 img = image_cache[r.image]
@@ -387,11 +413,12 @@ def build_report(out_dir: str | Path, html_path: str | Path | None = None, top: 
                     from lrp_ray.models.preprocess import resize_shape
 
                     input_hw = resize_shape(r.image_hw[0], r.image_hw[1], *input_size)
-                png = render_overlay(img, r.token_map, row_title(r).split("\n")[0].split(" | ")[1],
-                                     width_px=thumb_px, input_hw=input_hw, stride=stride)
-                q = "" if r.query is None else f", query {r.query}"
+                q = "" if r.query is None else f" query {r.query}"
+                png = render_overlay(img, r.token_map, f"{module} L{layer} F{fe}{q}", width_px=thumb_px,
+                                     input_hw=input_hw, stride=stride, palette=True)
                 parts.append(f'<figure><img alt="{_esc(r.image)}" src="{_bytes_uri(png)}">'
-                             f"<figcaption>{_esc(r.image)}{_esc(q)}</figcaption></figure>")
+                             f"<figcaption><b>{_esc(r.image)}</b>{_esc(q)}: {_esc(tags)}</figcaption>"
+                             "</figure>")
             parts.append("</div>")
     if n_missing:
         parts.insert(3, f'<p class="muted">{n_missing} overlays drawn on a blank canvas: image files not '

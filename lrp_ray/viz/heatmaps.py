@@ -27,8 +27,8 @@ from matplotlib.colors import Normalize  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-__all__ = ["overlay_png", "overlay_figure", "render_overlay", "write_top_heatmaps", "select_top_rows",
-           "heatmap_name", "token_extent", "TopRow", "CMAP"]
+__all__ = ["overlay_png", "overlay_figure", "render_overlay", "figure_png", "write_top_heatmaps",
+           "select_top_rows", "heatmap_name", "token_extent", "TopRow", "CMAP"]
 
 CMAP = "RdBu_r"
 DEFAULT_WIDTH_PX = 560
@@ -118,15 +118,28 @@ def overlay_figure(image_rgb: np.ndarray, token_map, title: str = "", *,
     return fig
 
 
-def render_overlay(image_rgb: np.ndarray, token_map, title: str = "", **kw) -> bytes:
-    """PNG bytes of :func:`overlay_figure`."""
-    fig = overlay_figure(image_rgb, token_map, title, **kw)
+def figure_png(fig, palette: bool = False, colors: int = 128) -> bytes:
+    """PNG bytes of a figure (closed afterwards); ``palette``: adaptive ``colors`` palette (~4x smaller)."""
     try:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=DPI)
-        return buf.getvalue()
     finally:
         plt.close(fig)
+    if not palette:
+        return buf.getvalue()
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    out = io.BytesIO()
+    im.quantize(colors=colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
+        out, format="PNG", optimize=True)
+    return out.getvalue()
+
+
+def render_overlay(image_rgb: np.ndarray, token_map, title: str = "", *, palette: bool = False,
+                   **kw) -> bytes:
+    """PNG bytes of :func:`overlay_figure` (``palette``: 8-bit palette PNG, for embedding)."""
+    return figure_png(overlay_figure(image_rgb, token_map, title, **kw), palette=palette)
 
 
 def overlay_png(image_rgb: np.ndarray, token_map, path: str | Path, title: str = "", **kw) -> Path:
