@@ -88,38 +88,3 @@ def test_no_arguments_runs_the_bundled_demo(tmp_path):
     df = pd.read_parquet(out / "relevance", columns=["image", "feature"])
     assert len(df) == m["counts"]["maps_total"] > 0
     assert (out / "summary.csv").is_file() and (out / "errors.csv").is_file()
-
-
-@pytest.mark.slow
-def test_interrupted_cli_run_resumes_to_the_same_rows(tiny_images, tiny_config, tmp_path):
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    out = tmp_path / "out"
-    opts = ["--config", str(tiny_config)]
-    args = ["--images", str(tiny_images), "--feature-chunk", "1", "--batch-size", "2", "--actors", "1",
-            "--address", "local", "--device", "cpu", "--out", str(out), *opts]
-    proc = subprocess.Popen([sys.executable, "-m", "lrp_ray.sweep", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 180
-    while len(list(out.glob("relevance/module=*/layer=*/part-*.parquet"))) < 5:
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    log, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, log[-3000:]
-    m = json.loads((out / "manifest.json").read_text())
-    assert m["status"] == "interrupted"
-    partial = len(list(out.glob("relevance/module=*/layer=*/part-*.parquet")))
-    total = 3 * 2 * 2 * 32  # batches x modules x layers x feature chunks of 1
-    assert 5 <= partial < total
-    again = run_cli(args)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    m = json.loads((out / "manifest.json").read_text())
-    assert m["status"] == "complete" and m["counts"]["items_skipped_resume"] == partial
-    assert m["counts"]["items_run"] == total - partial
-    df = pd.read_parquet(out / "relevance", columns=["image", "module", "layer", "feature", "query"])
-    assert len(df) == 5 * 32 * 2 * (1 + 1)  # encoder + decoder (top1) over 2 layers
-    assert not df.duplicated().any()
