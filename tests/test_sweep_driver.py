@@ -59,6 +59,19 @@ def test_rows_forward_count_and_manifest(first_run, tiny_images):
     assert set(m["profile_names"]) == {"encoder/0", "encoder/1", "decoder/0", "decoder/1"}
     assert m["spec_hash"] and m["versions"]["ray"] and m["timings"]["total"] > 0
     assert m["peak_memory"]["driver_rss"] > 0
+    t = m["timings"]
+    for key in ("ray_start", "model_load", "plan", "sweep", "decode", "forward", "propagation", "writing"):
+        assert t[key] >= 0, key
+    assert t["ray_start"] > 0 and t["forward"] > 0 and t["propagation"] > 0 and t["writing"] > 0
+    assert t["prepare"] <= t["total"] and t["sweep"] <= t["total"]
+    for info in m["run"]["actors_info"]:
+        for key in ("decode_seconds", "forward_seconds", "relevance_seconds", "load_seconds"):
+            assert info["stats"][key] >= 0, key
+    # benchmarks/sweep_cpu.py reads the whole split from the manifest
+    from benchmarks.sweep_cpu import SPLIT_COLUMNS, CliRun, timing_split
+
+    split = timing_split(CliRun(argv=[], out=out, manifest=m))
+    assert {k: split[k]["source"] for k in SPLIT_COLUMNS} == dict.fromkeys(SPLIT_COLUMNS, "manifest")
     for info in m["run"]["actors_info"]:  # at most the batch in work and the next one, whatever the images
         assert info["stats"]["max_caches"] <= 2 and info["stats"]["evictions"] == 0
     assert any(line.startswith("encoder layer 0, features 0-2, batch 1/3 (2 images)") for line in lines)
