@@ -18,7 +18,7 @@ from typing import Any
 
 import ray
 
-__all__ = ["LrpWorker", "engine_chunk_budget"]
+__all__ = ["LrpWorker", "engine_chunk_budget", "cache_footprint", "enforce_cache_budget"]
 
 
 def _rss_peak_bytes() -> int:
@@ -28,6 +28,42 @@ def _rss_peak_bytes() -> int:
 def engine_chunk_budget(cache_budget_bytes: int) -> int:
     """Bytes the engine may use for one vectorised relevance call (the actor gets 2x the cache budget)."""
     return max(64 << 20, min(4 << 30, cache_budget_bytes // 2))
+
+
+def cache_footprint(cache: Any) -> int:
+    """Bytes a forward cache holds: its tensors plus the engine's derived data (per-token maps)."""
+    return int(cache.nbytes) + int(getattr(cache, "derived_nbytes", 0))
+
+
+def enforce_cache_budget(caches: OrderedDict, budget: int, stats: dict) -> int:
+    """Keep an actor's live caches (``key -> (cache, meta)``, least recently used first) under ``budget``
+    bytes, derived data included; returns the bytes kept.
+
+    First the derived data of older caches is dropped (the engine rebuilds it on demand, with the same
+    arithmetic), then older caches are evicted. The newest cache (the batch in work) always stays whole:
+    dropping its maps would only rebuild them for its next item, so one batch larger than the budget is
+    the one allowed excess (as in the driver's accounting). ``stats`` gets ``evictions``,
+    ``derived_drops`` and the maxima ``max_caches``, ``max_cache_bytes``, ``max_derived_bytes``.
+    """
+    total = sum(cache_footprint(c) for c, _ in caches.values())
+    for key in list(caches)[:-1]:
+        if total <= budget:
+            break
+        c, _ = caches[key]
+        derived = int(getattr(c, "derived_nbytes", 0))
+        if derived:
+            c.drop_derived()
+            total -= derived
+            stats["derived_drops"] = stats.get("derived_drops", 0) + 1
+    while total > budget and len(caches) > 1:
+        _, (c, _) = caches.popitem(last=False)
+        total -= cache_footprint(c)
+        stats["evictions"] = stats.get("evictions", 0) + 1
+    derived = sum(int(getattr(c, "derived_nbytes", 0)) for c, _ in caches.values())
+    stats["max_caches"] = max(stats.get("max_caches", 0), len(caches))
+    stats["max_cache_bytes"] = max(stats.get("max_cache_bytes", 0), total)
+    stats["max_derived_bytes"] = max(stats.get("max_derived_bytes", 0), derived)
+    return total
 
 
 @ray.remote(concurrency_groups={"ping": 1})
@@ -86,35 +122,10 @@ class LrpWorker:
         return 0
 
     # ----------------------------------------------------------------- caches
-    @staticmethod
-    def _footprint(cache: Any) -> int:
-        """Bytes a cache holds: its tensors plus the engine's derived data (per-token maps)."""
-        return int(cache.nbytes) + int(getattr(cache, "derived_nbytes", 0))
-
     def _store(self, key: str, cache: Any, meta: dict) -> None:
         self.caches[key] = (cache, meta)
         self.caches.move_to_end(key)
-        self._enforce_budget()
-
-    def _enforce_budget(self) -> int:
-        """Keep the live caches (tensors + derived data) under the budget: evict least recently used caches,
-        then drop the newest cache's derived data (rebuilt on demand). One cache always stays."""
-        total = sum(self._footprint(c) for c, _ in self.caches.values())
-        while total > self.cache_budget and len(self.caches) > 1:
-            _, (c, _) = self.caches.popitem(last=False)
-            total -= self._footprint(c)
-            self.stats["evictions"] += 1
-        if total > self.cache_budget and self.caches:
-            c, _ = next(reversed(self.caches.values()))
-            if getattr(c, "derived_nbytes", 0):
-                total -= int(c.derived_nbytes)
-                c.drop_derived()
-                self.stats["derived_drops"] += 1
-        derived = sum(int(getattr(c, "derived_nbytes", 0)) for c, _ in self.caches.values())
-        self.stats["max_caches"] = max(self.stats["max_caches"], len(self.caches))
-        self.stats["max_cache_bytes"] = max(self.stats["max_cache_bytes"], total)
-        self.stats["max_derived_bytes"] = max(self.stats["max_derived_bytes"], derived)
-        return total
+        enforce_cache_budget(self.caches, self.cache_budget, self.stats)
 
     def _forward(self, key: str, images: list) -> tuple[Any, dict]:
         from lrp_ray.models import preprocess
@@ -202,8 +213,8 @@ class LrpWorker:
         table = result_to_table(res, image_names, meta["image_sizes"])
         self._t["table"] = time.perf_counter() - t2
         # the engine may have built derived data (per-token maps) for this cache: account for it now
-        footprint = self._footprint(cache)
-        self._enforce_budget()
+        footprint = cache_footprint(cache)
+        enforce_cache_budget(self.caches, self.cache_budget, self.stats)
         self.stats["items"] += 1
         for k, v in self._t.items():
             self.stats[f"{k}_seconds"] += v
