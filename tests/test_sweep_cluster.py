@@ -120,7 +120,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_ray_job_submit_against_a_local_head(tiny_images, tiny_config, tmp_path):
-    port, dash = _free_port(), _free_port()
+    port, dash, agent = _free_port(), _free_port(), _free_port()
     temp_dir = tempfile.mkdtemp(prefix="lrpj", dir="/tmp")  # short: Ray's socket paths have a length limit
     results_root = tmp_path / "results"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
@@ -130,6 +130,8 @@ def test_ray_job_submit_against_a_local_head(tiny_images, tiny_config, tmp_path)
     head = subprocess.Popen(
         [RAY_BIN, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
+         # not the default agent port (52365): another Ray of this test session may hold it
+         "--dashboard-agent-listen-port", str(agent),
          "--temp-dir", temp_dir, "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
