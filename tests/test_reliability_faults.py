@@ -246,7 +246,8 @@ def _sample(proc_pid: int, out: Path, stop: threading.Event, samples: list, list
             samples.append((done, root.memory_info().rss, max((a.memory_info().rss for a in actors),
                                                               default=0)))
             for k in (root, *kids):
-                for c in k.net_connections(kind="inet"):
+                conns = getattr(k, "net_connections", None) or k.connections  # psutil < 6
+                for c in conns(kind="inet"):
                     if c.status == psutil.CONN_LISTEN:
                         listening.add((k.name(), c.laddr.ip, c.laddr.port))
         except (psutil.Error, OSError):
