@@ -319,8 +319,8 @@ def part_propagation(ctx: Ctx) -> tuple[dict, str]:
                 q = "top1" if module == "decoder" else None
                 first_s = None
                 if mode == "ffn_maps":
-                    # steady state: let the engine build its per-token maps (it does once enough targets used
-                    # a layer of this cache), timing the call that builds them
+                    # steady state: let the engine build its per-token maps (it does for calls with enough
+                    # targets), timing the call that builds them
                     need = s["enc_layers"] if module == "decoder" else layer + 1
                     for _ in range(8):
                         if maps_layers(cache) >= need:
@@ -339,7 +339,9 @@ def part_propagation(ctx: Ctx) -> tuple[dict, str]:
                     med, times = timed(ctx, call, a.reps)
                     peak = ctx.peak_gb()
                     n_layers = layer + 1 if module == "encoder" else s["enc_layers"]
-                    used = min(maps_layers(cache), n_layers)
+                    # the engine takes its per-token maps for calls of >= hidden_dim/2 targets only
+                    uses_maps = mode == "ffn_maps" and k >= max(1, s["d"] // 2)
+                    used = min(maps_layers(cache), n_layers) if uses_maps else 0
                     kw = dict(B=s["B"], T=s["T"], d=s["d"], dff=s["dff"], H=s["H"], N=k,
                               layers=layer + 1, module=module, Q=s["Q"], enc_layers=s["enc_layers"])
                     f_direct = propagation_flops(**kw, ffn_maps=False, detail=True)
