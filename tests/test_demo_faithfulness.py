@@ -1,7 +1,8 @@
 """Faithfulness of LRP on the bundled demo DETR (held-out generated scenes).
 
-Target: decoder layer 2 (last), the query with the highest car probability, its largest-activation
-feature (see ``lrp_ray.demo.faithfulness``). Token maps from ``lrp_ray.api.explain``.
+Target: decoder layer 2 (last), the query with the highest car probability, its car logit
+(``class_embed(decoder.norm(x))[car]``, see ``lrp_ray.demo.faithfulness``). Token maps from
+``lrp_ray.api.explain`` (rules ``cp``). Scenes: the first held-out scenes with a car (index 100000+).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ pytestmark = pytest.mark.skipif(not (demo_weights_path().is_file() and demo_conf
 
 N_POINTING = 50
 N_DELETION = 25
+TARGET = "car_logit"
+LAYER = 2
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +27,7 @@ def explained():
 
     model = F.load_demo_model()
     targets = F.car_targets(model, F.car_scenes(N_POINTING))
-    return model, F.explain_targets(model, targets, layer=2)
+    return model, F.explain_targets(model, targets, layer=LAYER, target=TARGET)
 
 
 def test_pointing_game_on_cars(explained):
@@ -34,17 +37,23 @@ def test_pointing_game_on_cars(explained):
     res = F.pointing_game(ex)
     # The query really is on a car in (nearly) every image.
     assert np.mean(np.asarray(res.ious) >= 0.5) >= 0.9
-    # The most relevant token lies on that car (its centre inside the box) in >= 90% of the images.
-    assert res.centre_rate >= 0.9, (res.centre_rate, res.cell_rate)
+    # The maximum of the token map falls inside that car's box in >= 90% of the images, at token
+    # resolution: the most relevant token's patch overlaps the box (= its centre inside the box grown by
+    # half a token, 16 input px; Zhang et al.'s pointing game allows 15 px).
+    assert res.cell_rate >= 0.9, (res.cell_rate, res.centre_rate)
+    # Strictly (the token's centre inside the box, no tolerance) still in most images.
+    assert res.centre_rate >= 0.8, (res.cell_rate, res.centre_rate)
     # Far above chance: a token drawn uniformly at random hits the box much less often.
-    chance = []
+    chance_cell, chance_centre = [], []
     for e in ex:
         t = e.target
         gh, gw = e.token_map.shape
-        hits = [F.point_hits(np.eye(1, gh * gw, k).reshape(gh, gw), t.car_box, t.scene.size, t.input_hw)[1]
+        hits = [F.point_hits(np.eye(1, gh * gw, k).reshape(gh, gw), t.car_box, t.scene.size, t.input_hw)
                 for k in range(gh * gw)]
-        chance.append(np.mean(hits))
-    assert res.centre_rate > float(np.mean(chance)) + 0.4
+        chance_cell.append(np.mean([h[0] for h in hits]))
+        chance_centre.append(np.mean([h[1] for h in hits]))
+    assert res.cell_rate > float(np.mean(chance_cell)) + 0.4
+    assert res.centre_rate > float(np.mean(chance_centre)) + 0.4
 
 
 def test_deletion_curve_relevance_beats_random(explained):
@@ -53,7 +62,7 @@ def test_deletion_curve_relevance_beats_random(explained):
     model, ex = explained
     rel_auc, rand_auc, early_rel, early_rand = [], [], [], []
     for e in ex[:N_DELETION]:
-        fr, rel, rand = F.deletion_curves(model, e, layer=2, n_random=5, steps=10)
+        fr, rel, rand = F.deletion_curves(model, e, layer=LAYER, n_random=5, steps=10)
         assert rel[0] == pytest.approx(1.0) and rand[0] == pytest.approx(1.0)
         rel_auc.append(rel.mean())
         rand_auc.append(rand.mean())

@@ -117,9 +117,23 @@ def test_training_smoke_and_detectron2_checkpoint(tmp_path):
     ck = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=True)
     assert set(ck) == {"model"} and all(k.startswith("detr.") for k in ck["model"])
     model = load_model(tmp_path / "config.yaml", tmp_path / "model_final.pth")  # strict: no missing keys
-    assert model.cfg.num_classes == 3
+    assert model.cfg.num_classes == 4
     meta = json.loads((tmp_path / "train_metrics.json").read_text())
     assert "AP50_car" in meta["test"] and meta["checkpoint_bytes"] > 0
+
+
+def test_training_is_deterministic(tmp_path):
+    from lrp_ray.demo.train import main
+
+    args = ["--steps", "3", "--eval-every", "3", "--val", "2", "--test", "2", "--batch", "2",
+            "--precise-bn", "1"]
+    assert main(["--out", str(tmp_path / "a"), *args]) == 0
+    assert main(["--out", str(tmp_path / "b"), *args]) == 0
+    a = torch.load(tmp_path / "a" / "model_final.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "model_final.pth", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
 @needs_model
@@ -132,7 +146,7 @@ def test_shipped_checkpoint_layout_and_size():
     assert all(k.startswith("detr.") for k in ck["model"])
     cfg = load_config(demo_config_path())
     arch = (cfg.resnet_depth, cfg.hidden_dim, cfg.num_classes, cfg.enc_layers, cfg.dec_layers)
-    assert arch == (18, 64, 3, 3, 3)
+    assert arch == (18, 64, 4, 3, 3)
     load_model(demo_config_path(), path)  # strict load
     load_model()  # the bundled default
     assert (demo_dir() / "TRAINING.md").is_file()

@@ -5,11 +5,15 @@
 Target ("the query matched to a car"): on each held-out scene with at least one car, the query whose
 prediction has the highest car probability (softmax over the classes + no-object, through the user-facing
 ``preprocess -> DETR.forward`` path); its matched car is the ground-truth car box with the largest IoU
-with the query's predicted box. The explained scalar is one decoder feature of that query at decoder
-layer ``layer`` (output of ``transformer.decoder.layers[layer]``, before ``decoder.norm``): the feature
-with the largest activation for that query (one ``explain(..., features="all", queries=[q])`` call gives
-every feature's activation and map; the largest-activation row is used). Token maps come from
-``lrp_ray.api.explain``.
+with the query's predicted box. The explained scalar is a function of that query's output at decoder
+layer ``layer`` (``transformer.decoder.layers[layer]``, before ``decoder.norm``); one
+``explain(..., features="all", queries=[q])`` call gives every feature's activation and token map, and
+the target's map is a combination of them (LRP is linear in the relevance it starts from):
+
+- ``car_logit`` (default): the query's car logit, ``class_embed(decoder.norm(x))[car]`` -- what DETR
+  scores the detection by at that layer -- with the LayerNorm scale held constant (as LRP does);
+  see :func:`car_logit_weights`;
+- ``max_activation``: the query's single feature with the largest activation.
 
 - Pointing game: hit when the token with the largest relevance lies on the matched car: its cell (the
   ``stride x stride`` input patch the token stands for, in original-image pixels) overlaps the car box
@@ -17,8 +21,9 @@ every feature's activation and map; the largest-activation row is used). Token m
   rule (the token's centre inside the box) is reported too.
 - Deletion curve: tokens of the encoder input (``src`` after ``input_proj``, the tokens the maps are
   over) are set to zero in order of decreasing relevance, or in random orders, and the target is
-  re-measured (backbone once, the transformer per deletion step, via a forward hook on ``input_proj``);
-  the curve is ``target(k deleted) / target(0 deleted)`` over the fraction of deleted tokens, summarised
+  re-measured (backbone once, then the transformer on all deletion steps as one batch);
+  the curve is ``1 + (target(k deleted) - target(0)) / |target(0)|`` (``target(k) / target(0)`` for a
+  positive target) over the fraction of deleted tokens, summarised
   by its mean (area under the curve). Faithful maps give a smaller area than random orders.
 """
 
@@ -29,6 +34,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -55,6 +61,7 @@ class Explained:
     activation: float
     token_map: np.ndarray     # [grid_h, grid_w]
     all_maps_sum: np.ndarray  # sum of every feature's map (for reference)
+    weights: np.ndarray | None = None  # target = weights . (layer output of the query)
 
 
 @dataclass
@@ -117,22 +124,55 @@ def car_targets(model, scenes: Sequence[Scene], batch_size: int = 16) -> list[Ca
     return out
 
 
-def explain_targets(model, targets: Sequence[CarTarget], layer: int, engine=None) -> list[Explained]:
-    """One ``explain`` call per image (every feature of the chosen query)."""
+TARGETS = ("car_logit", "max_activation")
+
+
+def car_logit_weights(model, layer_output: np.ndarray) -> np.ndarray:
+    """Weights ``w`` with ``w . x = car logit - const`` at a decoder layer output ``x`` [d].
+
+    DETR scores every decoder layer's output ``x`` by ``class_embed(decoder.norm(x))``; with the
+    LayerNorm's scale ``sigma(x)`` held constant (as LRP's rules hold normalisers constant),
+    ``logit_car = sum_f W_car,f * gamma_f * (x_f - mean(x)) / sigma + const``, i.e. ``w = (c - mean(c)) /
+    sigma`` with ``c = W_car * gamma``. The relevance of that scalar is the same combination of the
+    per-feature relevance maps (the propagation is linear in the starting relevance).
+    """
+    norm = model.transformer.decoder.norm
+    x = np.asarray(layer_output, dtype=np.float64)
+    sigma = float(np.sqrt(x.var() + norm.eps))
+    c = model.class_embed.weight.detach().double().numpy()[CAR] * norm.weight.detach().double().numpy()
+    return (c - c.mean()) / sigma
+
+
+def explain_targets(model, targets: Sequence[CarTarget], layer: int, target: str = "car_logit",
+                    engine=None) -> list[Explained]:
+    """One ``explain(..., features="all", queries=[q])`` call per image; the map of the chosen target.
+
+    ``target``: ``"car_logit"`` (the query's car logit, see :func:`car_logit_weights`) or
+    ``"max_activation"`` (the query's feature with the largest activation at that layer).
+    """
     from lrp_ray.api import engine_for, explain
 
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     engine = engine or engine_for(model, device="cpu")
     out = []
     for t in targets:
         df = explain(model, [t.scene.image], module="decoder", layer=layer, features="all",
                      queries=[t.query], engine=engine, batch_size=1)
-        df = df[df["query"] == t.query]
-        best = df.loc[df["act_sum"].idxmax()]
-        gh, gw = int(best["grid_h"]), int(best["grid_w"])
+        df = df[df["query"] == t.query].sort_values("feature")
+        gh, gw = int(df["grid_h"].iloc[0]), int(df["grid_w"].iloc[0])
         maps = np.stack([np.asarray(m, dtype=np.float64).reshape(gh, gw) for m in df["token_map"]])
-        out.append(Explained(target=t, feature=int(best["feature"]), activation=float(best["act_sum"]),
-                             token_map=np.asarray(best["token_map"], dtype=np.float64).reshape(gh, gw),
-                             all_maps_sum=maps.sum(0)))
+        acts = df["act_sum"].to_numpy(dtype=np.float64)  # the query's layer output, one value per feature
+        if target == "car_logit":
+            w = car_logit_weights(model, acts)
+            feature, weights = -1, w
+        else:
+            feature = int(np.argmax(acts))
+            weights = np.zeros_like(acts)
+            weights[feature] = 1.0
+        out.append(Explained(target=t, feature=feature, activation=float(weights @ acts),
+                             token_map=np.tensordot(weights, maps, axes=1), all_maps_sum=maps.sum(0),
+                             weights=weights))
     return out
 
 
@@ -202,21 +242,24 @@ def deletion_curves(model, e: Explained, layer: int, n_random: int = 5, steps: i
                           pos.expand(m, -1, -1, -1))
     finally:
         hook.remove()
-    y = captured[0][t.query, :, e.feature].numpy()                          # [M] (sequence-first)
+    w = torch.as_tensor(e.weights, dtype=captured[0].dtype)
+    y = (captured[0][t.query] @ w).double().numpy()                      # [M] (sequence-first output)
     y = y.reshape(len(orders), len(ks))
     base = y[:, :1]
-    curves = y / np.where(np.abs(base) > 1e-12, base, 1e-12)
+    # 1 + (target - initial) / |initial|: starts at 1 and falls as the target falls (= target / initial
+    # for a positive target, and still meaningful for a negative one).
+    curves = 1.0 + (y - base) / np.maximum(np.abs(base), 1e-12)
     fr = np.asarray(ks, dtype=np.float64) / n_tok
     return fr, curves[0], curves[1:].mean(0)
 
 
 def run(n: int = 60, layer: int = 2, start: int = HELDOUT_START, deletion_n: int | None = None,
-        model=None) -> dict:
+        model=None, target: str = "car_logit") -> dict:
     """Both checks on ``n`` held-out car scenes; a summary dict."""
     model = model or load_demo_model()
     layer = layer if layer >= 0 else len(model.transformer.decoder.layers) + layer
     targets = car_targets(model, car_scenes(n, start))
-    explained = explain_targets(model, targets, layer)
+    explained = explain_targets(model, targets, layer, target)
     pg = pointing_game(explained)
     auc_rel, auc_rand = [], []
     for e in explained[: deletion_n or len(explained)]:
@@ -224,7 +267,7 @@ def run(n: int = 60, layer: int = 2, start: int = HELDOUT_START, deletion_n: int
         auc_rel.append(float(np.mean(rel)))
         auc_rand.append(float(np.mean(rand)))
     return {
-        "images": len(explained), "layer": layer,
+        "images": len(explained), "layer": layer, "target": target,
         "pointing_cell": pg.cell_rate, "pointing_centre": pg.centre_rate,
         "pointing_cell_sum_of_features": float(np.mean(pg.hits_sum_cell)),
         "query_box_iou_mean": float(np.mean(pg.ious)),
@@ -241,11 +284,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=60)
     ap.add_argument("--layer", type=int, default=-1, help="decoder layer (default: last)")
     ap.add_argument("--start", type=int, default=HELDOUT_START)
+    ap.add_argument("--target", choices=TARGETS, default="car_logit")
+    ap.add_argument("--json", default=None, help="also write the summary to this file")
     args = ap.parse_args(argv)
-    res = run(args.n, args.layer, args.start)
+    res = run(args.n, args.layer, args.start, target=args.target)
     res["features"] = sorted(set(res["features"]))
-    print(json.dumps({k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v)
-                      for k, v in res.items()}, indent=2))
+    text = json.dumps({k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v)
+                       for k, v in res.items()}, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
     return 0
 
 

@@ -10,7 +10,9 @@ background, with one to three non-overlapping objects:
 
 - class 0 ``car``: a body rectangle, a cabin (trapezoid with a window) and two dark wheels;
 - class 1 ``disc``: a filled circle (sometimes with a ring);
-- class 2 ``triangle``: a filled triangle.
+- class 2 ``triangle``: a filled triangle;
+- class 3 ``bar``: a car-sized, car-shaped rectangle (sometimes with a stripe or a raised block) but no
+  wheels and no window: the box alone cannot tell a car from a bar, the wheels and the cabin can.
 
 Boxes are ``xyxy`` in pixels of the returned image (exclusive right/bottom edge, i.e. a box of
 ``[x0, y0, x1, y1]`` covers pixel columns ``x0 .. x1-1``).
@@ -23,8 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-CLASS_NAMES: tuple[str, ...] = ("car", "disc", "triangle")
-CAR, DISC, TRIANGLE = 0, 1, 2
+CLASS_NAMES: tuple[str, ...] = ("car", "disc", "triangle", "bar")
+CAR, DISC, TRIANGLE, BAR = 0, 1, 2, 3
 SALT = 0x5CE7E5
 HELDOUT_START = 100_000
 MIN_SIDE, MAX_SIDE = 96, 192
@@ -158,6 +160,25 @@ def _draw_disc(draw: ImageDraw.ImageDraw, rng: np.random.Generator, box: np.ndar
         draw.ellipse([x0 + d, y0 + d, x1 - 1 - d, y1 - 1 - d], fill=ring)
 
 
+def _draw_bar(draw: ImageDraw.ImageDraw, rng: np.random.Generator, box: np.ndarray, col: np.ndarray) -> None:
+    x0, y0, x1, y1 = (float(v) for v in box)
+    bw, bh = x1 - x0, y1 - y0
+    rgb = tuple(int(v) for v in col)
+    kind = rng.integers(0, 3)
+    if kind == 0:      # a plain block
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=rgb)
+    elif kind == 1:    # a lower body with a raised block on top (a car's silhouette without wheels)
+        top = y0 + bh * rng.uniform(0.38, 0.48)
+        bx0 = x0 + bw * rng.uniform(0.08, 0.3)
+        draw.rectangle([bx0, y0, bx0 + bw * rng.uniform(0.4, 0.55), top], fill=rgb)
+        draw.rectangle([x0, top, x1 - 1, y1 - 1], fill=rgb)
+    else:              # a block with a horizontal stripe
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=rgb)
+        stripe = tuple(int(v) for v in np.clip(col * rng.uniform(0.4, 0.7), 0, 255))
+        sy = y0 + bh * rng.uniform(0.3, 0.6)
+        draw.rectangle([x0, sy, x1 - 1, sy + bh * 0.15], fill=stripe)
+
+
 def _draw_triangle(draw: ImageDraw.ImageDraw, rng: np.random.Generator, box: np.ndarray,
                    col: np.ndarray) -> np.ndarray:
     x0, y0, x1, y1 = (float(v) for v in box)
@@ -190,15 +211,15 @@ def generate_scene(index: int, difficulty: float = 1.0, size: tuple[int, int] | 
     img = _background(rng, h, w, difficulty)
     n_obj = int(rng.choice([1, 2, 3], p=[0.35, 0.4, 0.25]))
     # At least one car in 70% of the scenes; the others are drawn from all classes.
-    labels = [CAR if rng.random() < 0.7 else int(rng.integers(0, 3))]
-    labels += [int(rng.choice(3, p=[0.4, 0.3, 0.3])) for _ in range(n_obj - 1)]
+    labels = [CAR if rng.random() < 0.7 else int(rng.integers(0, len(CLASS_NAMES)))]
+    labels += [int(rng.choice(len(CLASS_NAMES), p=[0.35, 0.2, 0.2, 0.25])) for _ in range(n_obj - 1)]
     short = min(h, w)
     boxes: list[np.ndarray] = []
     kept: list[int] = []
     pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(pil)
     for lab in labels:
-        if lab == CAR:
+        if lab in (CAR, BAR):
             bw = int(round(short * rng.uniform(0.42, 0.62)))
             bh = int(round(bw * rng.uniform(0.55, 0.65)))
         elif lab == DISC:
@@ -216,6 +237,8 @@ def generate_scene(index: int, difficulty: float = 1.0, size: tuple[int, int] | 
             _draw_car(draw, rng, box, col)
         elif lab == DISC:
             _draw_disc(draw, rng, box, col)
+        elif lab == BAR:
+            _draw_bar(draw, rng, box, col)
         else:
             _draw_triangle(draw, rng, box, col)
         boxes.append(box)

@@ -230,7 +230,7 @@ DEMO_CONFIG = {
     "MODEL.DETR.DIM_FEEDFORWARD": 256,
     "MODEL.DETR.DROPOUT": 0.0,
     "MODEL.DETR.NUM_OBJECT_QUERIES": 10,
-    "MODEL.DETR.NUM_CLASSES": 3,
+    "MODEL.DETR.NUM_CLASSES": 4,
     "INPUT.MIN_SIZE_TEST": 224,
     "INPUT.MAX_SIZE_TEST": 384,
 }
@@ -240,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lrp_ray.demo.train", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="lrp_ray/assets/demo",
                     help="output folder (config.yaml, model_final.pth)")
-    ap.add_argument("--steps", type=int, default=3500)
+    ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--backbone-lr", type=float, default=1.5e-4)
