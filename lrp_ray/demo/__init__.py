@@ -4,6 +4,10 @@
 - :mod:`lrp_ray.demo.train`     training (``python -m lrp_ray.demo.train --out lrp_ray/assets/demo``)
 - :mod:`lrp_ray.demo.evaluate`  VOC AP50 on held-out scenes (``python -m lrp_ray.demo.evaluate``)
 - :mod:`lrp_ray.demo.samples`   writes the shipped sample images + ``boxes.json``
+- :mod:`lrp_ray.demo.faithfulness`  pointing game and deletion curves of LRP on the demo model
+- :mod:`lrp_ray.demo.training_md`   writes ``assets/demo/TRAINING.md`` from the training metrics
+
+How it was trained and how good it is: ``lrp_ray/assets/demo/TRAINING.md``.
 """
 
 from __future__ import annotations

@@ -314,6 +314,15 @@ def row_title(r: TopRow) -> str:
             f"{r.score:.4g}\n{r.image}")
 
 
+def group_title(rows: Sequence[TopRow]) -> str:
+    """Title of an overlay that is the top of one or more rankings (same module/layer/feature/image/query)."""
+    r = rows[0]
+    q = "" if r.query is None else f" query {r.query}"
+    label = {"act": "activation", "rel": "relevance"}
+    tags = ", ".join(f"top {x.rank} by {label.get(x.kind, x.kind)}: {x.score:.4g}" for x in rows)
+    return f"{r.module} layer {r.layer} feature {r.feature}{q} | {tags}\n{r.image}"
+
+
 def write_top_heatmaps(out_dir: str | Path, images_root: str | Path, top_n: int = 3, *,
                        modules: Sequence[str] | None = None, max_features: int | None = None,
                        width_px: int = DEFAULT_WIDTH_PX, input_size: tuple[int, int] | None = None,
@@ -341,7 +350,12 @@ def write_top_heatmaps(out_dir: str | Path, images_root: str | Path, top_n: int 
     dest.mkdir(parents=True, exist_ok=True)
     cache: dict[str, np.ndarray | None] = {}
     written: list[Path] = []
+    # The same map is often top by activation and by relevance: render it once, name it under each.
+    groups: dict[tuple, list[TopRow]] = {}
     for r in rows:
+        groups.setdefault((r.module, r.layer, r.feature, r.image, r.query), []).append(r)
+    for rs in groups.values():
+        r = rs[0]
         if r.image not in cache:
             if len(cache) > 64:
                 cache.clear()
@@ -355,7 +369,12 @@ def write_top_heatmaps(out_dir: str | Path, images_root: str | Path, top_n: int 
             from lrp_ray.models.preprocess import resize_shape
 
             input_hw = resize_shape(img.shape[0], img.shape[1], int(input_size[0]), int(input_size[1]))
-        path = dest / _safe(heatmap_name(r.module, r.layer, r.feature, r.kind, r.rank))
-        overlay_png(img, r.token_map, path, row_title(r), input_hw=input_hw, stride=stride, width_px=width_px)
-        written.append(path)
-    return written
+        data = render_overlay(img, r.token_map, group_title(rs), input_hw=input_hw, stride=stride,
+                              width_px=width_px)
+        for x in rs:
+            path = dest / _safe(heatmap_name(x.module, x.layer, x.feature, x.kind, x.rank))
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(path)
+            written.append(path)
+    return sorted(written)
