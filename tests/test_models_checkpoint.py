@@ -188,7 +188,11 @@ def test_load_model_demo_is_deterministic() -> None:
     assert not a.training
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert ka == kb and torch.equal(va, vb)
-    assert a.cfg.hidden_dim == 64 and a.cfg.stem_out_channels == 16
+    from lrp_ray.models.build import DEMO_DIR
+
+    bundled = (DEMO_DIR / "config.yaml").is_file() and (DEMO_DIR / "model_final.pth").is_file()
+    want = load_config(DEMO_DIR / "config.yaml").stem_out_channels if bundled else 16
+    assert a.cfg.hidden_dim == 64 and a.cfg.stem_out_channels == want
 
 
 # --- Numerical check of the original-DETR conversion against a torchvision-convention ResNet ----------

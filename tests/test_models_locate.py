@@ -12,15 +12,19 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lrp_ray.models import DetrConfig, DetrParts, build_model, detections, from_module, load_model
+from lrp_ray.models import DetrConfig, DetrParts, build_model, detections, from_module
 from lrp_ray.models.locate import DetrNotFoundError
 from lrp_ray.models.position_encoding import PositionEmbeddingSine
 
 
 def tiny_model():
-    with warnings.catch_warnings():
+    """The random-weight stand-in (independent of the bundled demo model)."""
+    from lrp_ray.models.build import demo_config
+
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         warnings.simplefilter("ignore")
-        return load_model()
+        torch.manual_seed(0)
+        return build_model(demo_config())
 
 
 def padded_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
