@@ -85,6 +85,8 @@ def test_no_arguments_runs_the_bundled_demo(tmp_path):
     out = tmp_path / "lrp_out"
     m = json.loads((out / "manifest.json").read_text())
     assert m["status"] == "complete" and m["counts"]["images_ok"] >= 1
-    df = pd.read_parquet(out / "relevance", columns=["image", "feature"])
+    df = pd.read_parquet(out / "relevance", columns=["image", "feature", "module", "layer"])
     assert len(df) == m["counts"]["maps_total"] > 0
+    assert sorted(df.feature.unique()) == [0, 1, 2, 3]  # a quick first run: a few features ...
+    assert set(df.module.astype(str)) == {"encoder", "decoder"}  # ... of every layer of both modules
     assert (out / "summary.csv").is_file() and (out / "errors.csv").is_file()

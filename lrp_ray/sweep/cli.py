@@ -13,8 +13,8 @@ __all__ = ["main", "build_parser"]
 
 EPILOG = """\
 Flags override the keys of --spec; keys left out of both take the defaults shown.
-With no arguments at all: the bundled demo model and images (a small random DETR and synthetic images
-until trained demo assets are bundled), every layer and feature of both modules, into ./lrp_out.
+With no request at all (no --spec, --config, --weights, --images, --layers, --features): the bundled
+demo model and sample images, features 0-3 of every encoder and decoder layer, into ./lrp_out.
 
 Results (OUT): relevance/ (Parquet, partitioned by module and layer; pandas.read_parquet(OUT/"relevance")),
 summary.csv, errors.csv (images that could not be used, with the reason), manifest.json.
@@ -108,11 +108,18 @@ def build_parser(prog: str = "lrp-ray") -> argparse.ArgumentParser:
 
 _NOT_SPEC = {"spec", "no_progress"}
 
+DEMO_FEATURES = "0-3"
+"""Features swept on the bundled demo when nothing else is asked: every layer, a few features, so the
+first run (and its --heatmaps) finishes in about a minute on 2 CPU cores."""
+_REQUEST_KEYS = ("config", "weights", "images", "layers", "features")
+
 
 def parse_request(argv: Sequence[str] | None = None, prog: str = "lrp-ray") -> tuple[SweepSpec, Any]:
     args = build_parser(prog).parse_args(argv)
     data = load_spec(args.spec) if args.spec else {}
     flags = {k: v for k, v in vars(args).items() if k not in _NOT_SPEC}
+    if not args.spec and all(flags.get(k) is None for k in _REQUEST_KEYS):
+        flags["features"] = DEMO_FEATURES  # the bundled demo: a quick first run
     return merge_flags(data, flags), args
 
 
