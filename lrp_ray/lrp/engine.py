@@ -168,7 +168,7 @@ class LrpEngine:
         if bad or len(features) == 0:
             raise ValueError(f"features must be in 0..{d - 1} (hidden_dim {d}), got {list(bad) or 'none'}")
 
-    def bytes_per_target(self, cache: ForwardCache, module: str, attention_chunk: bool = True) -> int:
+    def bytes_per_target(self, cache: ForwardCache, module: str) -> int:
         """Estimated peak bytes one target adds to a propagation (memory grows linearly in targets)."""
         m = cache.meta
         b, (gh, gw) = cache.batch_size, m["grid"]
