@@ -255,8 +255,12 @@ def test_ffn_maps_respect_their_memory_budget():
     assert _rel_err(res.token_maps, base.token_maps) <= 1e-9
 
 
-@pytest.mark.parametrize("density", [0.1, 0.9])
-def test_token_maps_sparse_and_dense_builds_agree(density):
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("eps", [0.0, 1e-3])
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.9, 1.0])
+def test_ffn_token_maps_match_einsum(density, eps, sparse):
+    """Sparse (active units only) and dense builds equal W2 diag(gate rho(u)) W1, also with no unit or
+    every unit active and with epsilon factors (a non-binary scale)."""
     from types import SimpleNamespace
 
     from lrp_ray.lrp.rules import ffn_token_maps
@@ -268,8 +272,25 @@ def test_token_maps_sparse_and_dense_builds_agree(density):
                           b1=torch.randn(dff, generator=g, dtype=torch.float64))
     u = torch.randn(2, 5, dff, generator=g, dtype=torch.float64)
     u = torch.where(torch.rand(2, 5, dff, generator=g, dtype=torch.float64) < density, u.abs(), -u.abs())
-    maps, vecs = ffn_token_maps(u, ffn, 0.0, block_bytes=1)  # tiny blocks: exercise the block loop
-    gate = (u > 0).to(u.dtype)
-    ref = torch.einsum("cj,btj,jd->btcd", ffn.w2, gate, ffn.w1)
+    maps, vecs = ffn_token_maps(u, ffn, eps, sparse=sparse)
+    scale = (u > 0).to(u.dtype) * u / (u + eps * torch.where(u >= 0, 1.0, -1.0))
+    ref = torch.einsum("cj,btj,jd->btcd", ffn.w2, scale, ffn.w1)
     assert torch.allclose(maps, ref, atol=1e-12)
-    assert torch.allclose(vecs, torch.einsum("cj,btj->btc", ffn.w2, gate * ffn.b1), atol=1e-12)
+    assert torch.allclose(vecs, torch.einsum("cj,btj->btc", ffn.w2, scale * ffn.b1), atol=1e-12)
+
+
+@pytest.mark.parametrize("pre_norm", [False, True])
+@pytest.mark.parametrize("eps", [0.0, 1e-3])
+def test_encoder_token_maps_blocked_sparse_equals_one_dense_block(pre_norm, eps, monkeypatch):
+    """The CPU build (sparse products, folded in small token blocks) equals one dense batched build."""
+    from lrp_ray.lrp import propagate as prop
+
+    parts = tiny_detr(pre_norm=pre_norm)
+    src, pos, mask = token_inputs(32, SIZES)
+    eng = _engine(parts, eps=eps)
+    cache = eng.forward_tokens(src, pos, mask)
+    e_dense, c_dense = prop.encoder_token_maps(cache, 1, eng.weights, eps, sparse=False)
+    monkeypatch.setitem(prop.MAP_BLOCK_BYTES, "cpu", 3 * 32 * 32 * 8)  # 3 tokens per block
+    e_sparse, c_sparse = prop.encoder_token_maps(cache, 1, eng.weights, eps, sparse=True)
+    assert torch.allclose(e_sparse, e_dense, rtol=1e-12, atol=1e-12)
+    assert torch.equal(c_sparse, c_dense)

@@ -16,7 +16,7 @@ from .forward import layer_norm, run_forward
 from .propagate import Ledger, profile_names, propagate
 from .result import RelevanceResult
 from .rules import RuleSet, token_dot
-from .targets import QuerySpec, decoder_start, encoder_start, select_queries
+from .targets import EncoderStart, QuerySpec, decoder_start, select_queries
 from .weights import TransformerWeights, cast_weights, extract_weights
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -222,7 +222,7 @@ class LrpEngine:
         r = qsel.shape[1]
         if module == "encoder":
             y = cache[f"enc.x.{layer + 1}"]
-            g = encoder_start(features, valid, d, self._gdtype)
+            g = EncoderStart(tuple(features), valid, d, self._gdtype)
             yf = y[:, :, features].to(acc)                                   # [B,T,K]
             vmask = valid[:, :, None]
             act_sum = (yf * vmask).sum(1)

@@ -17,13 +17,15 @@ from .rules import (
     RuleSet,
     attention_back,
     ffn_back,
-    ffn_token_maps,
+    ffn_gate_scale,
+    gated_products,
     layernorm_back,
     mm,
     rho,
     stab,
     token_dot,
 )
+from .targets import EncoderStart
 from .weights import TransformerWeights
 
 
@@ -38,8 +40,10 @@ class Ledger:
     profile: list[Tensor] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
 
-    def rel(self, x: Tensor, g: Tensor) -> Tensor:
+    def rel(self, x: Tensor, g: Tensor | EncoderStart) -> Tensor:
         """Total relevance ``sum(x * g)`` per image and target: [B, N]."""
+        if isinstance(g, EncoderStart):
+            return g.dot(x, self.acc_dtype)
         return token_dot(g, x, self.acc_dtype).sum(1)
 
     def record(self, name: str, value: Tensor) -> None:
@@ -94,47 +98,68 @@ def _ln_vec(v: Tensor, rstd: Tensor, gamma: Tensor) -> Tensor:
     return rstd[:, None] * gamma * (v - v.mean(-1, keepdim=True))
 
 
-def encoder_token_maps(c: ForwardCache, i: int, w: TransformerWeights, eps: float
-                       ) -> tuple[Tensor, Tensor]:
+MAP_BLOCK_BYTES = {"cpu": 1 << 22, "other": 1 << 28}
+"""Per-token maps are built and folded in blocks: cache-sized on CPU, large batched products elsewhere."""
+
+
+def encoder_token_maps(c: ForwardCache, i: int, w: TransformerWeights, eps: float,
+                       sparse: bool | None = None) -> tuple[Tensor, Tensor]:
     """Fold the per-token part of encoder layer ``i`` (LayerNorms, FFN, residual, epsilon factors)
     into one matrix per token: ``g_z1s = g_out @ E_t`` (g just before the attention sum node), and
     one vector ``c_t`` with the relevance its biases absorb, ``sum_t g_out[t] . c_t``.
 
-    Building costs ``d * dff * d`` per token once per cache and layer; each target then costs ``d*d``
-    per token instead of ``2 * d * dff`` plus a dozen elementwise passes.
+    Building costs ``d * d`` per token and active FFN unit once per cache and layer; each target then
+    costs ``d*d`` per token instead of ``2 * d * dff`` plus a dozen elementwise passes.
     """
     lw = w.encoder[i]
     p = f"enc.{i}."
     x, y = c[f"enc.x.{i}"], c[f"enc.x.{i + 1}"]
     f, a, u = c[p + "f"], c[p + "a"], c[p + "u"]
     bsz, t, d = x.shape
-    m, vecs = ffn_token_maps(u, lw.ffn, eps)
-    dt = m.dtype
-    flat = lambda z: z.reshape(bsz * t, -1).to(dt)
-    m, vecs = m.reshape(bsz * t, d, d), flat(vecs)
+    n = bsz * t
+    w1, w2 = lw.ffn.w1, lw.ffn.w2
+    dt = w1.dtype
+    flat = lambda z: z.reshape(n, -1).to(dt)
+    scale = ffn_gate_scale(u, eps, dt).reshape(n, -1)
+    vecs = (scale * lw.ffn.b1) @ w2.T
+    mvec = lambda v: (scale * (v @ w1.T)) @ w2.T  # M_t v for every token, without the maps
     r_f, r_y, r_z1 = _rho(flat(f), eps), _rho(flat(y), eps), _rho(flat(x + a), eps)
     b2 = lw.ffn.b2.to(dt)
-    eye = torch.eye(d, dtype=dt, device=m.device)
+    g1, g2 = lw.norm1.gamma.to(dt), lw.norm2.gamma.to(dt)
+    eye = torch.eye(d, dtype=dt, device=x.device)
+    rstd2 = flat(c[p + "rstd2"]).squeeze(-1)
     if w.pre_norm:
-        n2, rstd2 = flat(c[p + "ln2"]), flat(c[p + "rstd2"]).squeeze(-1)
-        r_n2 = _rho(n2, eps)
-        inner = _ln_right(_cols(_rows(m, r_f), r_n2), rstd2, lw.norm2.gamma.to(dt))
-        e = _cols(_rows(eye + inner, r_y), r_z1)
+        r_n2 = _rho(flat(c[p + "ln2"]), eps)
         beta2 = _vec(lw.norm2.beta.to(dt), r_n2)
-        s_ = _vec(b2 + vecs + torch.matmul(m, beta2.unsqueeze(-1)).squeeze(-1), r_f)
-        cvec = _vec(s_, r_y)
+        cvec = _vec(_vec(b2 + vecs + mvec(beta2), r_f), r_y)
+
+        def fold(m: Tensor, s: slice) -> Tensor:
+            inner = _ln_right(_cols(_rows(m, _at(r_f, s)), _at(r_n2, s)), rstd2[s], g2)
+            return _cols(_rows(eye + inner, _at(r_y, s)), _at(r_z1, s))
     else:
         h = flat(c[p + "ln1"])
-        rstd1, rstd2 = flat(c[p + "rstd1"]).squeeze(-1), flat(c[p + "rstd2"]).squeeze(-1)
+        rstd1 = flat(c[p + "rstd1"]).squeeze(-1)
         r_z2, r_h = _rho(h + flat(f), eps), _rho(h, eps)
-        k = eye + _rows(m, r_f)
-        a2k = _rows(_ln_left(_rows(k, r_z2), rstd2, lw.norm2.gamma.to(dt)), r_y)
-        e = _cols(_ln_right(_cols(a2k, r_h), rstd1, lw.norm1.gamma.to(dt)), r_z1)
         t1 = _vec(lw.norm1.beta.to(dt), r_h)
-        kt1 = t1 + _vec(torch.matmul(m, t1.unsqueeze(-1)).squeeze(-1), r_f)
+        kt1 = t1 + _vec(mvec(t1), r_f)
         s2 = _vec(_vec(b2 + vecs, r_f) + kt1, r_z2)
-        cvec = _vec(lw.norm2.beta.to(dt), r_y) + _vec(_ln_vec(s2, rstd2, lw.norm2.gamma.to(dt)), r_y)
+        cvec = _vec(lw.norm2.beta.to(dt), r_y) + _vec(_ln_vec(s2, rstd2, g2), r_y)
+
+        def fold(m: Tensor, s: slice) -> Tensor:
+            k = eye + _rows(m, _at(r_f, s))
+            a2k = _rows(_ln_left(_rows(k, _at(r_z2, s)), rstd2[s], g2), _at(r_y, s))
+            return _cols(_ln_right(_cols(a2k, _at(r_h, s)), rstd1[s], g1), _at(r_z1, s))
+    e = torch.empty(n, d, d, dtype=dt, device=x.device)
+    blk = max(1, MAP_BLOCK_BYTES["cpu" if x.device.type == "cpu" else "other"] // (d * d * e.element_size()))
+    for k in range(0, n, blk):
+        s = slice(k, k + blk)
+        m = gated_products(w2, w1, scale[s], torch.empty_like(e[s]), sparse)
+        e[s] = fold(m, s)
     return e.view(bsz, t, d, d), cvec.view(bsz, t, d)
+
+
+def _at(v: Tensor | None, s: slice) -> Tensor | None:
+    return None if v is None else v[s]
 
 
 def _encoder_attention_back(g: Tensor, i: int, c: ForwardCache, w: TransformerWeights, rules: RuleSet,
@@ -167,8 +192,9 @@ def token_maps_nbytes(c: ForwardCache) -> int:
     return b * t * (d * d + d) * c["enc.0.u"].element_size()
 
 
-def encoder_layer_back(g: Tensor, i: int, c: ForwardCache, w: TransformerWeights, rules: RuleSet,
-                       ledger: Ledger, use_maps: bool = False, maps_budget: int = 1 << 62) -> Tensor:
+def encoder_layer_back(g: Tensor | EncoderStart, i: int, c: ForwardCache, w: TransformerWeights,
+                       rules: RuleSet, ledger: Ledger, use_maps: bool = False,
+                       maps_budget: int = 1 << 62) -> Tensor:
     """g at the output of encoder layer ``i`` -> g at its input.
 
     With ``use_maps`` the per-token part goes through the folded maps of :func:`encoder_token_maps`
@@ -183,7 +209,10 @@ def encoder_layer_back(g: Tensor, i: int, c: ForwardCache, w: TransformerWeights
             c.derived[key] = encoder_token_maps(c, i, w, eps)
         e, cvec = c.derived[key]
         ledger.bias = ledger.bias + ledger.rel(cvec, g)
-        return _encoder_attention_back(mm(g, e), i, c, w, rules, ledger)
+        gz = g.rows(e) if isinstance(g, EncoderStart) else mm(g, e)
+        return _encoder_attention_back(gz, i, c, w, rules, ledger)
+    if isinstance(g, EncoderStart):
+        g = g.dense()
     lw = w.encoder[i]
     p = f"enc.{i}."
     x, y = c[f"enc.x.{i}"], c[f"enc.x.{i + 1}"]
@@ -280,7 +309,8 @@ def decoder_layer_back(g: Tensor, g_mem: Tensor, j: int, c: ForwardCache, w: Tra
 
 
 def propagate(c: ForwardCache, w: TransformerWeights, rules: RuleSet, module: str, layer: int,
-              g: Tensor, ledger: Ledger, use_maps: bool = False, maps_budget: int = 1 << 62) -> Tensor:
+              g: Tensor | EncoderStart, ledger: Ledger, use_maps: bool = False,
+              maps_budget: int = 1 << 62) -> Tensor:
     """Propagate ``g`` from the output of ``module`` layer ``layer`` to the encoder input tokens.
 
     ``use_maps``: route the encoder layers through per-token maps (building them costs about as much

@@ -122,44 +122,51 @@ def ffn_back(g: Tensor, f: Tensor, u: Tensor, ffn, eps: float) -> tuple[Tensor, 
     return mm(gu, ffn.w1), bias
 
 
-SPARSE_BUILD_DENSITY = 0.35
-"""Below this fraction of active ReLU units, per-token maps are built from the active units only."""
+def gated_products(left: Tensor, right: Tensor, scale: Tensor, out: Tensor,
+                   sparse: bool | None = None) -> Tensor:
+    """``out[n] = left @ diag(scale[n]) @ right`` per row of ``scale`` [n, k]; left [d, k], right [k, e].
+
+    ``sparse`` (default: on CPU) multiplies only the units whose scale is nonzero, one product per row:
+    closed ReLU gates (about half of them with random weights, more in trained models) cost nothing.
+    Otherwise one batched product over all units (the fast form on accelerators).
+    """
+    if sparse is None:
+        sparse = out.device.type == "cpu"
+    if not sparse:
+        return torch.bmm(left.unsqueeze(0) * scale[:, None, :], right.expand(len(scale), -1, -1), out=out)
+    binary = bool(((scale == 0) | (scale == 1)).all())
+    active = scale != 0
+    for n in range(len(scale)):
+        idx = active[n].nonzero().squeeze(1)
+        r = right.index_select(0, idx)
+        if not binary:
+            r = r * scale[n].index_select(0, idx).unsqueeze(1)
+        torch.mm(left.index_select(1, idx), r, out=out[n])
+    return out
 
 
-def ffn_token_maps(u: Tensor, ffn, eps: float, block_bytes: int = 1 << 28) -> tuple[Tensor, Tensor]:
+def ffn_gate_scale(u: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
+    """Per token and hidden unit: ReLU gate times the epsilon factor of the hidden pre-activation."""
+    r = rho(u, eps)
+    gate = (u > 0).to(dtype)
+    return gate if r is None else gate * r.squeeze(2).to(dtype)
+
+
+def ffn_token_maps(u: Tensor, ffn, eps: float, sparse: bool | None = None) -> tuple[Tensor, Tensor]:
     """Per-token linear map of the FFN backward.
 
     For token t: ``g_x = (g_f rho(f)) @ M_t`` with ``M_t = W2 diag(gate_t rho(u_t)) W1`` ([d, d]) and the
     hidden bias relevance ``(g_f rho(f)) @ v_t`` with ``v_t = W2 (gate_t rho(u_t) b1)``. Building the
-    maps costs ``d * dff * d`` per token once per cache and layer, independent of the number of
-    targets; afterwards each target costs ``d * d`` per token instead of ``2 * d * dff``.
+    maps costs ``d * d`` per token and active hidden unit, once per cache and layer, independent of the
+    number of targets; afterwards each target costs ``d * d`` per token instead of ``2 * d * dff``.
     """
     b, t, dff = u.shape
-    w2, w1, b1 = ffn.w2, ffn.w1, ffn.b1
+    w2, w1 = ffn.w2, ffn.w1
     d = w2.shape[0]
-    r = rho(u, eps)
-    scale = (u > 0).to(w1.dtype) if r is None else (u > 0).to(w1.dtype) * r.squeeze(2).to(w1.dtype)
-    flat = scale.reshape(b * t, dff)
+    flat = ffn_gate_scale(u, eps, w1.dtype).reshape(b * t, dff)
     maps = torch.empty(b * t, d, d, dtype=w1.dtype, device=u.device)
-    active = flat != 0
-    counts = active.sum(1)
-    if float(counts.float().mean()) > SPARSE_BUILD_DENSITY * dff:
-        blk = max(1, block_bytes // (d * dff * w1.element_size()))
-        for k in range(0, b * t, blk):
-            sk = flat[k:k + blk]
-            torch.bmm(w2.unsqueeze(0) * sk[:, None, :], w1.unsqueeze(0).expand(len(sk), -1, -1),
-                      out=maps[k:k + blk])
-    else:
-        w2t = w2.t().contiguous()
-        blk = max(1, block_bytes // (2 * d * dff * w1.element_size()))
-        for k in range(0, b * t, blk):
-            # only active hidden units contribute: gather them (padded to the block's largest count
-            # with inactive units, whose scale is 0) and multiply the compacted factors
-            amax = max(1, int(counts[k:k + blk].max()))
-            idx = torch.topk(active[k:k + blk].to(torch.uint8), amax, dim=1, sorted=False).indices
-            sa = torch.gather(flat[k:k + blk], 1, idx)
-            torch.bmm(w2t[idx].transpose(1, 2), w1[idx] * sa.unsqueeze(-1), out=maps[k:k + blk])
-    vecs = (flat * b1) @ w2.T
+    gated_products(w2, w1, flat, maps, sparse)
+    vecs = (flat * ffn.b1) @ w2.T
     return maps.view(b, t, d, d), vecs.view(b, t, d)
 
 

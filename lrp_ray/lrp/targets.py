@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -48,6 +49,29 @@ def encoder_start(features: Sequence[int], valid: Tensor, d: int, dtype: torch.d
     idx = torch.arange(len(features), device=valid.device)
     g[:, :, idx, torch.as_tensor(list(features), device=valid.device)] = 1.0
     return g * valid[:, :, None, None].to(dtype)
+
+
+@dataclass(frozen=True)
+class EncoderStart:
+    """:func:`encoder_start` kept implicit: the propagation materialises it only where it must, and
+    takes rows of per-token maps directly instead of multiplying them by one-hot vectors."""
+
+    features: tuple[int, ...]
+    valid: Tensor
+    d: int
+    dtype: torch.dtype
+
+    def dense(self) -> Tensor:
+        return encoder_start(self.features, self.valid, self.d, self.dtype)
+
+    def dot(self, x: Tensor, acc: torch.dtype) -> Tensor:
+        """``sum_t g[b,t,n,:] . x[b,t,:]``: [B, N]."""
+        return (x[:, :, list(self.features)].to(acc) * self.valid[:, :, None].to(acc)).sum(1)
+
+    def rows(self, e: Tensor) -> Tensor:
+        """``g @ E_t`` for per-token matrices ``e`` [B, T, d, d]: [B, T, N, d]."""
+        idx = torch.as_tensor(self.features, device=e.device)
+        return e.index_select(2, idx).to(self.dtype) * self.valid[:, :, None, None].to(self.dtype)
 
 
 def decoder_start(features: Sequence[int], qsel: np.ndarray, nq: int, d: int, dtype: torch.dtype,
