@@ -59,6 +59,12 @@ def main(argv: list[str] | None = None) -> dict:
             t_fwd = time.perf_counter() - t0
             res = eng.relevance(cache, "encoder", layer, feats, chunk=args.chunk)
             t_eng = time.perf_counter() - t0
+        # the same at the engine's default epsilon (what a sweep runs; not comparable to eps-0 autograd)
+        eng_eps = LrpEngine(model, EngineConfig(device=args.device, precision=args.precision))
+        t0 = time.perf_counter()
+        eng_eps.relevance(eng_eps.forward(batch), "encoder", layer, feats, chunk=args.chunk)
+        t_eng_eps = time.perf_counter() - t0
+        del eng_eps
         with rss.measure() as m_seed:
             t0 = time.perf_counter()
             seed_maps = seed_way(eng_ref, model, batch, layer, feats[: args.seed_features])
@@ -80,6 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         row = {
             "layer": layer, "features": args.features, "images": args.images, "tokens": gh * gw,
             "engine_s": t_eng, "engine_forward_s": t_fwd, "engine_maps_per_s": nmaps / t_eng,
+            "engine_default_eps_s": t_eng_eps, "default_eps": EngineConfig().epsilon,
             "seed_s_per_feature": t_seed, "seed_s_all_features": t_seed * args.features,
             "seed_maps_per_s": args.images / t_seed,
             "autograd_forward_s": t_ag_fwd, "autograd_s_per_feature": t_ag,
@@ -100,11 +107,12 @@ def main(argv: list[str] | None = None) -> dict:
              f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, {info['date']}  ",
              f"Command: `{cmd.strip()}`  ",
              f"DETR-R50 shape (random weights), {args.images} images {args.height}x{args.width}, "
-             f"{args.features} features, cp rules, epsilon 0.", "",
+             f"{args.features} features, cp rules, epsilon 0; the last column: the engine at its default "
+             f"epsilon ({EngineConfig().epsilon:g}), what sweeps run.", "",
              "| layer | tokens | engine s (fwd s) | seed s (per feature) | autograd s (per feature) "
              "| engine maps/s | seed maps/s | autograd maps/s | vs seed | vs autograd | agree (rel) "
-             "| peak RSS GB engine/seed/autograd | cache MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| peak RSS GB engine/seed/autograd | cache MB | engine s, default eps |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['layer']} | {r['tokens']} | {r['engine_s']:.1f} ({r['engine_forward_s']:.1f}) "
@@ -114,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"| **{r['speedup_vs_seed']:.1f}x** | **{r['speedup_vs_autograd']:.2f}x** "
             f"| {max(r['max_rel_diff_vs_seed'], r['max_rel_diff_vs_autograd']):.1e} "
             f"| {r['peak_rss_gb']['engine']:.1f}/{r['peak_rss_gb']['seed']:.1f}/"
-            f"{r['peak_rss_gb']['autograd']:.1f} | {r['cache_mb']:.0f} |")
+            f"{r['peak_rss_gb']['autograd']:.1f} | {r['cache_mb']:.0f} | {r['engine_default_eps_s']:.1f} |")
     write(args.name, {"machine": info, "command": cmd, "rows": rows}, "\n".join(lines) + "\n")
     return {"rows": rows}
 

@@ -103,7 +103,7 @@ class Sampler:
             b = self._store_bytes()
             if b is not None:
                 self.peaks["object_store"] = max(self.peaks["object_store"], b)
-            self._stop.wait(max(self.interval, 0.5))
+            self._stop.wait(self.interval)
 
     def _rss_loop(self, pid: int) -> None:
         import psutil
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--actors", type=int, default=1)
     ap.add_argument("--cpus-per-actor", type=int, default=1)
-    ap.add_argument("--interval", type=float, default=0.25, help="sampling interval, seconds")
+    ap.add_argument("--interval", type=float, default=0.1, help="sampling interval, seconds")
     ap.add_argument("--tolerance", type=float, default=0.10, help="flat when largest/smallest <= 1 + this")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per CLI run")
     ap.add_argument("--keep", metavar="DIR",

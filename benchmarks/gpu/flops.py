@@ -31,12 +31,16 @@ from typing import Any
 KEYS = ("ffn", "attn_proj", "attn_pv", "token_dots", "gemv", "ends")
 
 
-def _encoder_layer(B: int, T: int, d: int, dff: int, N: int, ffn_maps: bool) -> dict[str, int]:
+def _encoder_layer(B: int, T: int, d: int, dff: int, N: int, ffn_maps: bool, one_hot: bool = False
+                   ) -> dict[str, int]:
+    """``one_hot``: g is still the implicit one-hot start of an encoder target (the top layer): with maps,
+    ``g @ E_t`` is a row gather and ``c_t . g`` an index (no products)."""
     btn = B * T * N
     if ffn_maps:  # g @ E_t, the bias vector c_t per token; then the attention part
-        return {"ffn": 2 * btn * d * d, "attn_proj": 2 * 2 * btn * d * d, "attn_pv": 2 * B * N * d * T * T,
-                "token_dots": 2 * 2 * btn * d,                   # c_t . g and the profile point
-                "gemv": 2 * 2 * btn * d}                         # bo, bv
+        return {"ffn": 0 if one_hot else 2 * btn * d * d, "attn_proj": 2 * 2 * btn * d * d,
+                "attn_pv": 2 * B * N * d * T * T,
+                "token_dots": (1 if one_hot else 2) * 2 * btn * d,  # c_t . g and the profile point
+                "gemv": 2 * 2 * btn * d}                            # bo, bv
     return {"ffn": 2 * 2 * btn * d * dff, "attn_proj": 2 * 2 * btn * d * d, "attn_pv": 2 * B * N * d * T * T,
             "token_dots": 2 * btn * d,                           # the profile point
             "gemv": 5 * 2 * btn * d + 2 * btn * dff}             # ln2, b2, ln1, bo, bv; b1
@@ -73,18 +77,32 @@ def propagation_flops(B: int, T: int, d: int, dff: int, H: int, N: int, layers: 
         n_enc, start_rows = enc_layers, Q
     else:
         n_enc, start_rows = layers, T
-    for _ in range(n_enc):
-        for k, v in _encoder_layer(B, T, d, dff, N, ffn_maps).items():
+    for i in range(n_enc):
+        for k, v in _encoder_layer(B, T, d, dff, N, ffn_maps, one_hot=module == "encoder" and i == 0).items():
             out[k] += v
-    out["ends"] = 2 * B * start_rows * N * d + 2 * B * T * N * d   # target relevance, token maps
+    # target relevance (an index for encoder starts), token maps
+    out["ends"] = (2 * B * start_rows * N * d if module == "decoder" else 0) + 2 * B * T * N * d
     out["total"] = sum(out[k] for k in KEYS)
     out["counted_equiv"] = out["total"] - out["gemv"]
     return out if detail else out["total"]
 
 
-def ffn_map_build_flops(B: int, T: int, d: int, dff: int, layers: int) -> int:
-    """FLOPs of building the per-token folded maps of ``layers`` encoder layers (once per cache)."""
-    return layers * (2 * B * T * d * dff * d + 2 * B * T * dff * d + 2 * B * T * d * d)
+def ffn_map_build_flops(B: int, T: int, d: int, dff: int, layers: int, active_units: int | None = None,
+                        eps_vectors: bool = False) -> int:
+    """FLOPs of building the per-token folded maps of ``layers`` encoder layers (once per cache).
+
+    Dense build (accelerators): ``d x dff x d`` per token and layer. Sparse build (CPU): ``d x d`` per
+    active FFN unit; ``active_units`` is their count summed over tokens and layers. Plus the bias vectors
+    (``(scale * b1) @ W2^T``, ``M_t beta``); ``eps_vectors``: epsilon > 0 makes ``beta`` per token, so
+    ``beta @ W1^T`` is a matrix product too.
+    """
+    core = 2 * B * T * d * dff * d * layers if active_units is None else 2 * d * d * int(active_units)
+    return core + layers * (2 + (1 if eps_vectors else 0)) * 2 * B * T * dff * d
+
+
+def active_ffn_units(cache: Any, layers: int) -> int:
+    """Active (ReLU-open) FFN units of encoder layers ``0..layers-1`` summed over all tokens of a cache."""
+    return sum(int((cache[f"enc.{i}.u"] > 0).sum()) for i in range(layers))
 
 
 def shapes_of(engine: Any, cache: Any) -> dict[str, int]:
@@ -147,9 +165,13 @@ def cross_check(engine: Any, cache: Any, layer: int = 1, features: int = 4,
         cfg = engine.config
         mapper = LrpEngine(engine.parts, EngineConfig(rules=cfg.rules, epsilon=cfg.epsilon,
                                                       precision=cfg.precision, device=str(engine.device)))
+        sparse = str(engine.device) == "cpu"  # the build multiplies active units only on CPU
+        build = ffn_map_build_flops(s["B"], s["T"], s["d"], s["dff"], layer + 1,
+                                    active_ffn_units(cache, layer + 1) if sparse else None,
+                                    eps_vectors=cfg.epsilon > 0)
         row(f"encoder layer {layer}, N={s['d']}: builds the per-token maps, then uses them",
             lambda: mapper.relevance(cache, "encoder", layer, list(range(s["d"])), chunk=s["d"]),
-            ffn_map_build_flops(s["B"], s["T"], s["d"], s["dff"], layer + 1) + want(s["d"], "encoder", True))
+            build + want(s["d"], "encoder", True))
         built = maps_layers(cache)
         # the engine's path choice depends on the call only: maps for calls of >= d/2 targets
         small_uses_maps = built > 0 and features >= max(1, s["d"] // 2)

@@ -49,6 +49,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.gpu.flops import (  # noqa: E402
+    active_ffn_units,
     counted_flops,
     cross_check,
     ffn_map_build_flops,
@@ -364,8 +365,10 @@ def part_propagation(ctx: Ctx) -> tuple[dict, str]:
                            "tflops_direct_equiv": f_direct["total"] / med / 1e12,
                            "peak_gb": peak, "extra_gb": (peak - before) if peak is not None else None,
                            "forward_s": t_fwd, "maps_build_call_s": first_s,
-                           "maps_build_flops": ffn_map_build_flops(s["B"], s["T"], s["d"], s["dff"], n_layers)
-                           if used else 0}
+                           "maps_build_flops": ffn_map_build_flops(
+                               s["B"], s["T"], s["d"], s["dff"], n_layers,
+                               active_ffn_units(cache, n_layers) if eng.device.type == "cpu" else None,
+                               eps_vectors=eng.config.epsilon > 0) if used else 0}
                     rows.append(row)
                     log(f"  {prec} {mode} {module} K={k}: {med * 1e3:.1f} ms, {row['maps_per_s']:.0f} "
                         f"maps/s, {tf:.2f} TFLOP/s ({fmt(row['pct_of_peak'], '.1f')}% of peak), "

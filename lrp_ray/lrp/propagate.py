@@ -68,29 +68,8 @@ def _rho(z: Tensor, eps: float) -> Tensor | None:
     return None if r is None else r.squeeze(2)
 
 
-def _rows(x: Tensor, v: Tensor | None) -> Tensor:
-    """diag(v) @ X for a batch of per-token matrices X [n, d, d] and vectors v [n, d]."""
-    return x if v is None else x * v.unsqueeze(-1)
-
-
-def _cols(x: Tensor, v: Tensor | None) -> Tensor:
-    """X @ diag(v)."""
-    return x if v is None else x * v.unsqueeze(-2)
-
-
 def _vec(a: Tensor, v: Tensor | None) -> Tensor:
     return a if v is None else a * v
-
-
-def _ln_left(x: Tensor, rstd: Tensor, gamma: Tensor) -> Tensor:
-    """L @ X with the LayerNorm backward map L = rstd diag(gamma) (I - 11^T/d) (rows of g)."""
-    return rstd[:, None, None] * gamma[:, None] * (x - x.mean(-2, keepdim=True))
-
-
-def _ln_right(x: Tensor, rstd: Tensor, gamma: Tensor) -> Tensor:
-    """X @ L."""
-    xg = x * gamma
-    return rstd[:, None, None] * (xg - xg.mean(-1, keepdim=True))
 
 
 def _ln_vec(v: Tensor, rstd: Tensor, gamma: Tensor) -> Tensor:
@@ -126,16 +105,21 @@ def encoder_token_maps(c: ForwardCache, i: int, w: TransformerWeights, eps: floa
     r_f, r_y, r_z1 = _rho(flat(f), eps), _rho(flat(y), eps), _rho(flat(x + a), eps)
     b2 = lw.ffn.b2.to(dt)
     g1, g2 = lw.norm1.gamma.to(dt), lw.norm2.gamma.to(dt)
-    eye = torch.eye(d, dtype=dt, device=x.device)
     rstd2 = flat(c[p + "rstd2"]).squeeze(-1)
     if w.pre_norm:
         r_n2 = _rho(flat(c[p + "ln2"]), eps)
         beta2 = _vec(lw.norm2.beta.to(dt), r_n2)
         cvec = _vec(_vec(b2 + vecs + mvec(beta2), r_f), r_y)
 
-        def fold(m: Tensor, s: slice) -> Tensor:
-            inner = _ln_right(_cols(_rows(m, _at(r_f, s)), _at(r_n2, s)), rstd2[s], g2)
-            return _cols(_rows(eye + inner, _at(r_y, s)), _at(r_z1, s))
+        def fold(m: Tensor, s: slice) -> None:
+            # E = diag(r_y) (I + rstd2 diag(r_f) M diag(r_n2 gamma2) C) diag(r_z1), C = I - 11^T/d
+            _scale_rows(m, _at(r_f, s))
+            m.mul_((g2 if r_n2 is None else r_n2[s] * g2).unsqueeze(-2))
+            m.sub_(m.mean(-1, keepdim=True))
+            _scale_rows(m, _vec(rstd2[s, None], _at(r_y, s)))
+            _scale_cols(m, _at(r_z1, s))
+            diag = _prod(_at(r_y, s), _at(r_z1, s))
+            m.diagonal(dim1=-2, dim2=-1).add_(1.0 if diag is None else diag)
     else:
         h = flat(c[p + "ln1"])
         rstd1 = flat(c[p + "rstd1"]).squeeze(-1)
@@ -145,21 +129,41 @@ def encoder_token_maps(c: ForwardCache, i: int, w: TransformerWeights, eps: floa
         s2 = _vec(_vec(b2 + vecs, r_f) + kt1, r_z2)
         cvec = _vec(lw.norm2.beta.to(dt), r_y) + _vec(_ln_vec(s2, rstd2, g2), r_y)
 
-        def fold(m: Tensor, s: slice) -> Tensor:
-            k = eye + _rows(m, _at(r_f, s))
-            a2k = _rows(_ln_left(_rows(k, _at(r_z2, s)), rstd2[s], g2), _at(r_y, s))
-            return _cols(_ln_right(_cols(a2k, _at(r_h, s)), rstd1[s], g1), _at(r_z1, s))
+        def fold(m: Tensor, s: slice) -> None:
+            # E = rstd1 rstd2 diag(r_y gamma2) C diag(r_z2) (I + diag(r_f) M) diag(r_h gamma1) C diag(r_z1)
+            _scale_rows(m, _prod(_at(r_z2, s), _at(r_f, s)))
+            m.diagonal(dim1=-2, dim2=-1).add_(1.0 if r_z2 is None else r_z2[s])
+            m.sub_(m.mean(-2, keepdim=True))
+            _scale_rows(m, _vec((rstd1[s] * rstd2[s])[:, None] * g2, _at(r_y, s)))
+            _scale_cols(m, _vec(g1, _at(r_h, s)))
+            m.sub_(m.mean(-1, keepdim=True))
+            _scale_cols(m, _at(r_z1, s))
     e = torch.empty(n, d, d, dtype=dt, device=x.device)
     blk = max(1, MAP_BLOCK_BYTES["cpu" if x.device.type == "cpu" else "other"] // (d * d * e.element_size()))
     for k in range(0, n, blk):
         s = slice(k, k + blk)
-        m = gated_products(w2, w1, scale[s], torch.empty_like(e[s]), sparse)
-        e[s] = fold(m, s)
+        fold(gated_products(w2, w1, scale[s], e[s], sparse), s)  # in place, block by block
     return e.view(bsz, t, d, d), cvec.view(bsz, t, d)
 
 
 def _at(v: Tensor | None, s: slice) -> Tensor | None:
     return None if v is None else v[s]
+
+
+def _prod(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    return b if a is None else _vec(a, b)
+
+
+def _scale_rows(m: Tensor, v: Tensor | None) -> None:
+    """m <- diag(v) @ m in place, for per-token matrices m [n, d, d] and v [n, d] (None: identity)."""
+    if v is not None:
+        m.mul_(v.unsqueeze(-1))
+
+
+def _scale_cols(m: Tensor, v: Tensor | None) -> None:
+    """m <- m @ diag(v) in place (v [n, d] or [d])."""
+    if v is not None:
+        m.mul_(v.unsqueeze(-2))
 
 
 def _encoder_attention_back(g: Tensor, i: int, c: ForwardCache, w: TransformerWeights, rules: RuleSet,
