@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +37,7 @@ class EngineConfig:
     ffn_maps: bool = True
     """Fold encoder layers into per-token maps for calls with >= hidden_dim/2 targets."""
     maps_budget_bytes: int | None = None
-    """Bytes of per-token maps kept per cache; None: 2 GiB on CPU, a quarter of the GPU's memory."""
+    """Bytes of per-token maps kept per cache; None: a quarter of the device's memory (RAM on CPU)."""
 
     def __post_init__(self) -> None:
         RuleSet(self.rules, self.epsilon)
@@ -53,6 +54,14 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but no CUDA device is available")
     return torch.device(device)
+
+
+def _physical_memory() -> int:
+    """Bytes of RAM (8 GiB where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return 8 << 30
 
 
 def _as_parts(model_or_parts: Any):
@@ -85,9 +94,10 @@ class LrpEngine:
             module.to(self.device).eval()
         budget = self.config.maps_budget_bytes
         if budget is None:
-            budget = 2 << 30
             if self.device.type == "cuda":
                 budget = torch.cuda.get_device_properties(self.device).total_memory // 4
+            else:
+                budget = _physical_memory() // 4
         self.maps_budget = int(budget)
         self.maps_min_targets = max(1, self.weights.hidden_dim // 2)
         self._propagate = propagate

@@ -139,7 +139,9 @@ def encoder_token_maps(c: ForwardCache, i: int, w: TransformerWeights, eps: floa
             m.sub_(m.mean(-1, keepdim=True))
             _scale_cols(m, _at(r_z1, s))
     e = torch.empty(n, d, d, dtype=dt, device=x.device)
-    blk = max(1, MAP_BLOCK_BYTES["cpu" if x.device.type == "cpu" else "other"] // (d * d * e.element_size()))
+    cpu = x.device.type == "cpu"  # elsewhere a block's dense product needs a [blk, d, dff] operand
+    dff = w1.shape[0]
+    blk = max(1, MAP_BLOCK_BYTES["cpu" if cpu else "other"] // (d * (d if cpu else dff) * e.element_size()))
     for k in range(0, n, blk):
         s = slice(k, k + blk)
         fold(gated_products(w2, w1, scale[s], e[s], sparse), s)  # in place, block by block
