@@ -59,14 +59,38 @@ class _Slice:
         self.encoder = type("E", (), {"layers": [tr.encoder.layers[i]]})()
 
 
-def decoder_output(tr: nn.Module, mem: Tensor, pos: Tensor, kpm: Tensor, qembed: Tensor) -> Tensor:
+def decoder_all_outputs(tr: nn.Module, mem: Tensor, pos: Tensor, kpm: Tensor, qembed: Tensor) -> list[Tensor]:
+    """Every post-norm decoder layer's output (detached attention probabilities and LayerNorm std)."""
     qpos = qembed.unsqueeze(0).expand(mem.shape[0], -1, -1)
     t = torch.zeros_like(qpos)
+    outs = []
     for ly in tr.decoder.layers:
         t = _ln(t + _mha(t + qpos, t + qpos, t, ly.self_attn, None), ly.norm1)
         t = _ln(t + _mha(t + qpos, mem + pos, mem, ly.multihead_attn, kpm), ly.norm2)
         t = _ln(t + ly.linear2(torch.relu(ly.linear1(t))), ly.norm3)
-    return t
+        outs.append(t)
+    return outs
+
+
+def decoder_output(tr: nn.Module, mem: Tensor, pos: Tensor, kpm: Tensor, qembed: Tensor) -> Tensor:
+    return decoder_all_outputs(tr, mem, pos, kpm, qembed)[-1]
+
+
+def seed_way_decoder(engine, batch, layer: int, features: list[int], queries: Tensor) -> Tensor:
+    """The seed's way for decoder targets: per feature a full forward and a backward from decoder layer
+    ``layer``'s feature on each image's query ``queries[b]`` to the encoder input."""
+    tr = engine.parts.transformer
+    maps = []
+    for f in features:
+        src, pos, mask = engine.encoder_inputs(batch)
+        x0, p, kpm = tokens(src, pos, mask)
+        x0 = x0.detach().requires_grad_(True)
+        enc = encoder_outputs(tr, x0, p, kpm, len(tr.encoder.layers) - 1)
+        y = decoder_all_outputs(tr, enc, p, kpm, engine.parts.query_embed.weight)[layer]
+        target = y[torch.arange(len(queries)), queries, f].sum()
+        (g,) = torch.autograd.grad(target, x0)
+        maps.append((x0 * g).sum(-1).detach())
+    return torch.stack(maps, 1)
 
 
 def tokens(src: Tensor, pos: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -40,7 +40,7 @@ def test_flop_count_matches_flop_counter():
 
     engine, cache = _tiny_engine_and_cache()
     rows = cross_check(engine, cache, layer=1, features=4)
-    assert len(rows) == 4, rows
+    assert len(rows) == 5, rows
     for row in rows:
         assert "error" not in row, row
         assert row["counted"] > 0 and row["analytic"] == row["counted"], row

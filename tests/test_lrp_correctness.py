@@ -196,29 +196,41 @@ def test_bad_targets_name_valid_range(bad, msg):
         eng.relevance(eng.forward_tokens(src, pos, mask), **bad)
 
 
+@pytest.mark.parametrize("rules", ["cp", "attnlrp"])
 @pytest.mark.parametrize("pre_norm", [False, True])
 @pytest.mark.parametrize("eps", [0.0, 0.05])
-def test_per_token_ffn_maps_equal_direct_propagation_and_oracle(pre_norm, eps):
-    """Many targets route the encoder FFNs through per-token maps; results must not change."""
+def test_per_token_ffn_maps_equal_direct_propagation_and_oracle(pre_norm, eps, rules):
+    """Many targets route the encoder FFN blocks through per-token maps and the decoder's through
+    per-query maps; results must not change."""
     parts = tiny_detr(pre_norm=pre_norm)
     src, pos, mask = token_inputs(32, SIZES)
     feats = list(range(20))  # >= hidden_dim / 2 targets -> maps are built
-    fast = _engine(parts, eps=eps)
+    fast = _engine(parts, rules=rules, eps=eps)
     cache = fast.forward_tokens(src, pos, mask)
     res = fast.relevance(cache, "encoder", 2, feats)
-    assert any(k[0] == "enc" for k in cache.derived) and cache.derived_nbytes > 0
-    direct = LrpEngine(parts, EngineConfig(epsilon=eps, precision="fp64", device="cpu", ffn_maps=False))
+    assert {k[0] for k in cache.derived} == {"enc"} and cache.derived_nbytes > 0
+    direct = LrpEngine(parts, EngineConfig(rules=rules, epsilon=eps, precision="fp64", device="cpu",
+                                           ffn_maps=False))
     ref = direct.relevance(direct.forward_tokens(src, pos, mask), "encoder", 2, feats)
     assert _rel_err(res.token_maps, ref.token_maps) <= 1e-9
     np.testing.assert_allclose(res.bias_relevance, ref.bias_relevance, rtol=1e-9, atol=1e-12)
+    x0, p, kpm = _flat(src, pos, mask)
+    qe = parts.query_embed.weight
     if eps == 0.0:
-        x0, p, kpm = _flat(src, pos, mask)
-        o = oracle_relevance(parts.transformer, x0, p, kpm, parts.query_embed.weight, "encoder", 2, 13,
-                             None, "cp")
+        o = oracle_relevance(parts.transformer, x0, p, kpm, qe, "encoder", 2, 13, None, rules)
         assert _rel_err(res.token_maps[:, 13], o.sum(-1).view(len(SIZES), *mask.shape[1:]).numpy()) <= 1e-6
-    dec = fast.relevance(cache, "decoder", 1, [0, 1, 2], "all")  # 18 targets, maps reused
+    dec = fast.relevance(cache, "decoder", 1, [0, 1, 2], "all")  # 18 targets, encoder maps reused
+    assert {k[0] for k in cache.derived} == {"enc", "dec"}
     dref = direct.relevance(direct.forward_tokens(src, pos, mask), "decoder", 1, [0, 1, 2], "all")
     assert _rel_err(dec.token_maps, dref.token_maps) <= 1e-9
+    assert _rel_err(dec.profile, dref.profile) <= 1e-9
+    np.testing.assert_allclose(dec.bias_relevance, dref.bias_relevance, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(dec.softmax_relevance, dref.softmax_relevance, rtol=1e-9, atol=1e-12)
+    if eps == 0.0:
+        n = 1 * 6 + 4  # feature 1 on query 4 ("all": 6 queries per feature)
+        assert dec.features[n] == 1 and dec.queries[0, n] == 4
+        o = oracle_relevance(parts.transformer, x0, p, kpm, qe, "decoder", 1, 1, 4, rules)
+        assert _rel_err(dec.token_maps[:, n], o.sum(-1).view(len(SIZES), *mask.shape[1:]).numpy()) <= 1e-6
 
 
 def test_path_choice_depends_on_the_call_only():
@@ -239,20 +251,30 @@ def test_path_choice_depends_on_the_call_only():
 
 
 def test_ffn_maps_respect_their_memory_budget():
+    """Encoder layers get maps while they fit next to every decoder layer's; decoder layers while they
+    fit; whatever is built stays within the budget and changes no result."""
     parts = tiny_detr()
     src, pos, mask = token_inputs(32, SIZES)
-    from lrp_ray.lrp.propagate import token_maps_nbytes
+    from lrp_ray.lrp.propagate import decoder_maps_nbytes, token_maps_nbytes
 
     probe = _engine(parts).forward_tokens(src, pos, mask)
-    one_layer = token_maps_nbytes(probe)
-    eng = LrpEngine(parts, EngineConfig(epsilon=0.0, precision="fp64", device="cpu",
-                                        maps_budget_bytes=2 * one_layer))
-    cache = eng.forward_tokens(src, pos, mask)
-    res = eng.relevance(cache, "encoder", 2, range(20))
-    assert {k[1] for k in cache.derived} == {0, 1} and cache.derived_nbytes <= 2 * one_layer
+    enc, dec = token_maps_nbytes(probe), decoder_maps_nbytes(probe)
+    n_dec = len(parts.transformer.decoder.layers)
     ref = LrpEngine(parts, EngineConfig(epsilon=0.0, precision="fp64", device="cpu", ffn_maps=False))
-    base = ref.relevance(ref.forward_tokens(src, pos, mask), "encoder", 2, range(20))
-    assert _rel_err(res.token_maps, base.token_maps) <= 1e-9
+    rcache = ref.forward_tokens(src, pos, mask)
+    for budget, module, want in [(2 * enc + n_dec * dec, "encoder", {("enc", 0), ("enc", 1)}),
+                                 (2 * enc + n_dec * dec - 1, "encoder", {("enc", 0)}),
+                                 (dec, "decoder", {("dec", 0)}),
+                                 (enc + n_dec * dec, "decoder", {("dec", 0), ("dec", 1), ("enc", 0)})]:
+        eng = LrpEngine(parts, EngineConfig(epsilon=0.0, precision="fp64", device="cpu",
+                                            maps_budget_bytes=budget))
+        cache = eng.forward_tokens(src, pos, mask)
+        q = None if module == "encoder" else "top1"
+        res = eng.relevance(cache, module, 2 if module == "encoder" else 1, range(20), q)
+        assert {k[:2] for k in cache.derived} == want, (budget, module)
+        assert cache.derived_nbytes <= budget
+        base = ref.relevance(rcache, module, 2 if module == "encoder" else 1, range(20), q)
+        assert _rel_err(res.token_maps, base.token_maps) <= 1e-9
 
 
 @pytest.mark.parametrize("sparse", [True, False])

@@ -3,7 +3,8 @@
 Counts every matrix product the engine runs in one ``LrpEngine.relevance`` call with N targets (2 FLOPs
 per multiply-add), grouped as
 
-- ``ffn``: the FFN backward (``g @ W2``, ``g @ W1``), or through the per-token folded maps ``g @ E_t``;
+- ``ffn``: the FFN backward (``g @ W2``, ``g @ W1``), or through the per-token (per-query) folded maps
+  ``g @ E_t``;
 - ``attn_proj``: the out- and value-projection backward (``g @ Wo``, ``g @ Wv``);
 - ``attn_pv``: ``g_o^T @ P`` per head (all heads together: ``N*d x Tq x Tk``);
 - ``token_dots``: per-token dot products (profile points, the folded maps' bias vectors), batched mat-vecs;
@@ -46,11 +47,16 @@ def _encoder_layer(B: int, T: int, d: int, dff: int, N: int, ffn_maps: bool, one
             "gemv": 5 * 2 * btn * d + 2 * btn * dff}             # ln2, b2, ln1, bo, bv; b1
 
 
-def _decoder_layer(B: int, T: int, Q: int, d: int, dff: int, N: int) -> dict[str, int]:
+def _decoder_layer(B: int, T: int, Q: int, d: int, dff: int, N: int, ffn_maps: bool = False
+                   ) -> dict[str, int]:
     bqn, btn = B * Q * N, B * T * N
-    return {"ffn": 2 * 2 * bqn * d * dff,
-            "attn_proj": 3 * 2 * bqn * d * d + 2 * btn * d * d,  # self wo, wv, cross wo; cross wv (memory)
-            "attn_pv": 2 * B * N * d * Q * T + 2 * B * N * d * Q * Q,
+    attn = {"attn_proj": 3 * 2 * bqn * d * d + 2 * btn * d * d,  # self wo, wv, cross wo; cross wv (memory)
+            "attn_pv": 2 * B * N * d * Q * T + 2 * B * N * d * Q * Q}
+    if ffn_maps:  # g @ E_q per query; c_q . g; then cross and self attention
+        return {"ffn": 2 * bqn * d * d, **attn,
+                "token_dots": 2 * 2 * bqn * d + 2 * btn * d,      # c_q . g, profile: queries and memory
+                "gemv": 4 * 2 * bqn * d + 2 * btn * d}            # cross bo, ln1, self bo, self bv; cross bv
+    return {"ffn": 2 * 2 * bqn * d * dff, **attn,
             "token_dots": 2 * bqn * d + 2 * btn * d,             # profile: query stream and memory
             # ln3, b2, ln2, cross bo, ln1, self bo, self bv; b1; cross bv (memory)
             "gemv": 7 * 2 * bqn * d + 2 * bqn * dff + 2 * btn * d}
@@ -72,7 +78,7 @@ def propagation_flops(B: int, T: int, d: int, dff: int, H: int, N: int, layers: 
     out = dict.fromkeys(KEYS, 0)
     if module == "decoder":
         for _ in range(layers):
-            for k, v in _decoder_layer(B, T, Q, d, dff, N).items():
+            for k, v in _decoder_layer(B, T, Q, d, dff, N, ffn_maps).items():
                 out[k] += v
         n_enc, start_rows = enc_layers, Q
     else:
@@ -100,9 +106,10 @@ def ffn_map_build_flops(B: int, T: int, d: int, dff: int, layers: int, active_un
     return core + layers * (2 + (1 if eps_vectors else 0)) * 2 * B * T * dff * d
 
 
-def active_ffn_units(cache: Any, layers: int) -> int:
-    """Active (ReLU-open) FFN units of encoder layers ``0..layers-1`` summed over all tokens of a cache."""
-    return sum(int((cache[f"enc.{i}.u"] > 0).sum()) for i in range(layers))
+def active_ffn_units(cache: Any, layers: int, module: str = "encoder") -> int:
+    """Active (ReLU-open) FFN units of ``module`` layers ``0..layers-1`` summed over all tokens (queries)."""
+    p = "enc" if module == "encoder" else "dec"
+    return sum(int((cache[f"{p}.{i}.u"] > 0).sum()) for i in range(layers))
 
 
 def shapes_of(engine: Any, cache: Any) -> dict[str, int]:
@@ -172,6 +179,20 @@ def cross_check(engine: Any, cache: Any, layer: int = 1, features: int = 4,
         row(f"encoder layer {layer}, N={s['d']}: builds the per-token maps, then uses them",
             lambda: mapper.relevance(cache, "encoder", layer, list(range(s["d"])), chunk=s["d"]),
             build + want(s["d"], "encoder", True))
+        cache.derived.clear()
+        dec_build = ffn_map_build_flops(s["B"], s["Q"], s["d"], s["dff"], layer + 1,
+                                        active_ffn_units(cache, layer + 1, "decoder") if sparse else None,
+                                        eps_vectors=cfg.epsilon > 0)
+        enc_build = ffn_map_build_flops(s["B"], s["T"], s["d"], s["dff"], s["enc_layers"],
+                                        active_ffn_units(cache, s["enc_layers"]) if sparse else None,
+                                        eps_vectors=cfg.epsilon > 0)
+        row(f"decoder layer {layer}, N={s['d']}x{queries}: builds the per-query and per-token maps, then "
+            "uses them",
+            lambda: mapper.relevance(cache, "decoder", layer, list(range(s["d"])), queries=queries,
+                                     chunk=s["d"]),
+            dec_build + enc_build + want(s["d"] * r, "decoder", True))
+        cache.derived.clear()
+        mapper.relevance(cache, "encoder", layer, list(range(s["d"])), chunk=s["d"])
         built = maps_layers(cache)
         # the engine's path choice depends on the call only: maps for calls of >= d/2 targets
         small_uses_maps = built > 0 and features >= max(1, s["d"] // 2)

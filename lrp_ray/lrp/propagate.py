@@ -8,6 +8,7 @@ for relevance absorbed by biases, positional embeddings (attnlrp) and the softma
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -81,34 +82,72 @@ MAP_BLOCK_BYTES = {"cpu": 1 << 22, "other": 1 << 28}
 """Per-token maps are built and folded in blocks: cache-sized on CPU, large batched products elsewhere."""
 
 
-def encoder_token_maps(c: ForwardCache, i: int, w: TransformerWeights, eps: float,
-                       sparse: bool | None = None) -> tuple[Tensor, Tensor]:
-    """Fold the per-token part of encoder layer ``i`` (LayerNorms, FFN, residual, epsilon factors)
-    into one matrix per token: ``g_z1s = g_out @ E_t`` (g just before the attention sum node), and
-    one vector ``c_t`` with the relevance its biases absorb, ``sum_t g_out[t] . c_t``.
+@dataclass(frozen=True)
+class FfnBlock:
+    """The per-token part of a layer, from the sum node ``z`` that feeds it to the layer output ``y``.
+
+    post-norm: ``h = LN_a(z)``, ``y = LN_b(h + FFN(h))``; ``ln``/``rstd``/``norm`` are LN_a's output, 1/std
+    and parameters, ``rstd_out``/``norm_out`` LN_b's. pre-norm: ``n = LN(z)``, ``y = z + FFN(n)``.
+    """
+
+    z: Tensor
+    y: Tensor
+    f: Tensor
+    u: Tensor
+    ffn: Any
+    ln: Tensor
+    rstd: Tensor
+    norm: Any
+    rstd_out: Tensor | None = None
+    norm_out: Any = None
+
+    @property
+    def pre_norm(self) -> bool:
+        return self.norm_out is None
+
+
+def encoder_block(c: ForwardCache, i: int, w: TransformerWeights) -> FfnBlock:
+    lw, p = w.encoder[i], f"enc.{i}."
+    z = c[f"enc.x.{i}"] + c[p + "a"]
+    common = dict(z=z, y=c[f"enc.x.{i + 1}"], f=c[p + "f"], u=c[p + "u"], ffn=lw.ffn)
+    if w.pre_norm:
+        return FfnBlock(**common, ln=c[p + "ln2"], rstd=c[p + "rstd2"], norm=lw.norm2)
+    return FfnBlock(**common, ln=c[p + "ln1"], rstd=c[p + "rstd1"], norm=lw.norm1,
+                    rstd_out=c[p + "rstd2"], norm_out=lw.norm2)
+
+
+def decoder_block(c: ForwardCache, j: int, w: TransformerWeights) -> FfnBlock:
+    lw, p = w.decoder[j], f"dec.{j}."
+    common = dict(y=c[f"dec.x.{j + 1}"], f=c[p + "f"], u=c[p + "u"], ffn=lw.ffn)
+    if w.pre_norm:
+        z = c[f"dec.x.{j}"] + c[p + "sa"] + c[p + "ca"]
+        return FfnBlock(z=z, **common, ln=c[p + "ln3"], rstd=c[p + "rstd3"], norm=lw.norm3)
+    return FfnBlock(z=c[p + "ln1"] + c[p + "ca"], **common, ln=c[p + "ln2"], rstd=c[p + "rstd2"],
+                    norm=lw.norm2, rstd_out=c[p + "rstd3"], norm_out=lw.norm3)
+
+
+def block_token_maps(b: FfnBlock, eps: float, sparse: bool | None = None) -> tuple[Tensor, Tensor]:
+    """Fold a layer's per-token part (LayerNorms, FFN, residual, epsilon factors) into one matrix per
+    token: ``g_z = g_out @ E_t`` (g at the stabilised sum node ``z``), and one vector ``c_t`` with the
+    relevance its biases absorb, ``sum_t g_out[t] . c_t``.
 
     Building costs ``d * d`` per token and active FFN unit once per cache and layer; each target then
     costs ``d*d`` per token instead of ``2 * d * dff`` plus a dozen elementwise passes.
     """
-    lw = w.encoder[i]
-    p = f"enc.{i}."
-    x, y = c[f"enc.x.{i}"], c[f"enc.x.{i + 1}"]
-    f, a, u = c[p + "f"], c[p + "a"], c[p + "u"]
-    bsz, t, d = x.shape
+    bsz, t, d = b.z.shape
     n = bsz * t
-    w1, w2 = lw.ffn.w1, lw.ffn.w2
+    w1, w2 = b.ffn.w1, b.ffn.w2
     dt = w1.dtype
     flat = lambda z: z.reshape(n, -1).to(dt)
-    scale = ffn_gate_scale(u, eps, dt).reshape(n, -1)
-    vecs = (scale * lw.ffn.b1) @ w2.T
+    scale = ffn_gate_scale(b.u, eps, dt).reshape(n, -1)
+    vecs = (scale * b.ffn.b1) @ w2.T
     mvec = lambda v: (scale * (v @ w1.T)) @ w2.T  # M_t v for every token, without the maps
-    r_f, r_y, r_z1 = _rho(flat(f), eps), _rho(flat(y), eps), _rho(flat(x + a), eps)
-    b2 = lw.ffn.b2.to(dt)
-    g1, g2 = lw.norm1.gamma.to(dt), lw.norm2.gamma.to(dt)
-    rstd2 = flat(c[p + "rstd2"]).squeeze(-1)
-    if w.pre_norm:
-        r_n2 = _rho(flat(c[p + "ln2"]), eps)
-        beta2 = _vec(lw.norm2.beta.to(dt), r_n2)
+    r_f, r_y, r_z1 = _rho(flat(b.f), eps), _rho(flat(b.y), eps), _rho(flat(b.z), eps)
+    b2 = b.ffn.b2.to(dt)
+    if b.pre_norm:
+        rstd2, g2 = flat(b.rstd).squeeze(-1), b.norm.gamma.to(dt)
+        r_n2 = _rho(flat(b.ln), eps)
+        beta2 = _vec(b.norm.beta.to(dt), r_n2)
         cvec = _vec(_vec(b2 + vecs + mvec(beta2), r_f), r_y)
 
         def fold(m: Tensor, s: slice) -> None:
@@ -121,13 +160,14 @@ def encoder_token_maps(c: ForwardCache, i: int, w: TransformerWeights, eps: floa
             diag = _prod(_at(r_y, s), _at(r_z1, s))
             m.diagonal(dim1=-2, dim2=-1).add_(1.0 if diag is None else diag)
     else:
-        h = flat(c[p + "ln1"])
-        rstd1 = flat(c[p + "rstd1"]).squeeze(-1)
-        r_z2, r_h = _rho(h + flat(f), eps), _rho(h, eps)
-        t1 = _vec(lw.norm1.beta.to(dt), r_h)
+        h = flat(b.ln)
+        rstd1, rstd2 = flat(b.rstd).squeeze(-1), flat(b.rstd_out).squeeze(-1)
+        g1, g2 = b.norm.gamma.to(dt), b.norm_out.gamma.to(dt)
+        r_z2, r_h = _rho(h + flat(b.f), eps), _rho(h, eps)
+        t1 = _vec(b.norm.beta.to(dt), r_h)
         kt1 = t1 + _vec(mvec(t1), r_f)
         s2 = _vec(_vec(b2 + vecs, r_f) + kt1, r_z2)
-        cvec = _vec(lw.norm2.beta.to(dt), r_y) + _vec(_ln_vec(s2, rstd2, g2), r_y)
+        cvec = _vec(b.norm_out.beta.to(dt), r_y) + _vec(_ln_vec(s2, rstd2, g2), r_y)
 
         def fold(m: Tensor, s: slice) -> None:
             # E = rstd1 rstd2 diag(r_y gamma2) C diag(r_z2) (I + diag(r_f) M) diag(r_h gamma1) C diag(r_z1)
@@ -138,14 +178,26 @@ def encoder_token_maps(c: ForwardCache, i: int, w: TransformerWeights, eps: floa
             _scale_cols(m, _vec(g1, _at(r_h, s)))
             m.sub_(m.mean(-1, keepdim=True))
             _scale_cols(m, _at(r_z1, s))
-    e = torch.empty(n, d, d, dtype=dt, device=x.device)
-    cpu = x.device.type == "cpu"  # elsewhere a block's dense product needs a [blk, d, dff] operand
+    e = torch.empty(n, d, d, dtype=dt, device=b.z.device)
+    cpu = b.z.device.type == "cpu"  # elsewhere a block's dense product needs a [blk, d, dff] operand
     dff = w1.shape[0]
     blk = max(1, MAP_BLOCK_BYTES["cpu" if cpu else "other"] // (d * (d if cpu else dff) * e.element_size()))
     for k in range(0, n, blk):
         s = slice(k, k + blk)
         fold(gated_products(w2, w1, scale[s], e[s], sparse), s)  # in place, block by block
     return e.view(bsz, t, d, d), cvec.view(bsz, t, d)
+
+
+def encoder_token_maps(c: ForwardCache, i: int, w: TransformerWeights, eps: float,
+                       sparse: bool | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`block_token_maps` of encoder layer ``i`` (per encoder token)."""
+    return block_token_maps(encoder_block(c, i, w), eps, sparse)
+
+
+def decoder_token_maps(c: ForwardCache, j: int, w: TransformerWeights, eps: float,
+                       sparse: bool | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`block_token_maps` of decoder layer ``j`` (per object query)."""
+    return block_token_maps(decoder_block(c, j, w), eps, sparse)
 
 
 def _at(v: Tensor | None, s: slice) -> Tensor | None:
@@ -209,8 +261,8 @@ def encoder_layer_back(g: Tensor | EncoderStart, i: int, c: ForwardCache, w: Tra
     eps = rules.epsilon
     key = ("enc", i, eps)
     # stateless choice (same call -> same arithmetic, whatever the cache served before): maps for the
-    # lowest layers that fit the budget
-    if use_maps and (i + 1) * token_maps_nbytes(c) <= maps_budget:
+    # lowest layers that fit the budget, after every decoder layer's (small) per-query maps
+    if use_maps and (i + 1) * token_maps_nbytes(c) + len(w.decoder) * decoder_maps_nbytes(c) <= maps_budget:
         if key not in c.derived:
             c.derived[key] = encoder_token_maps(c, i, w, eps)
         e, cvec = c.derived[key]
@@ -245,28 +297,59 @@ def memory_of(c: ForwardCache, w: TransformerWeights) -> Tensor:
     return c["memory"] if w.encoder_norm is not None else c[f"enc.x.{len(w.encoder)}"]
 
 
+def decoder_maps_nbytes(c: ForwardCache) -> int:
+    """Bytes of one decoder layer's folded per-query maps for this cache."""
+    b, q, d = c["dec.x.0"].shape
+    return b * q * (d * d + d) * c["dec.0.u"].element_size()
+
+
+def _decoder_block_back(g: Tensor, j: int, c: ForwardCache, w: TransformerWeights, eps: float
+                        ) -> tuple[Tensor, Tensor | float]:
+    """Direct path: g at the output of decoder layer ``j`` -> g at the stabilised sum node before its
+    FFN block (and the relevance the block's biases and LayerNorm shifts absorb)."""
+    lw = w.decoder[j]
+    p = f"dec.{j}."
+    y, f, u = c[f"dec.x.{j + 1}"], c[p + "f"], c[p + "u"]
+    if w.pre_norm:
+        n3 = c[p + "ln3"]
+        g = stab(g, y, eps)
+        gf, b1 = ffn_back(g, f, u, lw.ffn, eps)
+        gn3, b2 = layernorm_back(gf, n3, c[p + "rstd3"], lw.norm3.gamma, lw.norm3.beta, eps)
+        z2 = c[f"dec.x.{j}"] + c[p + "sa"] + c[p + "ca"]
+        return stab(g + gn3, z2, eps), b1 + b2
+    h1, h2 = c[p + "ln1"], c[p + "ln2"]
+    g, b1 = layernorm_back(g, y, c[p + "rstd3"], lw.norm3.gamma, lw.norm3.beta, eps)
+    g = stab(g, h2 + f, eps)
+    gf, b2 = ffn_back(g, f, u, lw.ffn, eps)
+    g, b3 = layernorm_back(g + gf, h2, c[p + "rstd2"], lw.norm2.gamma, lw.norm2.beta, eps)
+    return stab(g, h1 + c[p + "ca"], eps), b1 + b2 + b3
+
+
 def decoder_layer_back(g: Tensor, g_mem: Tensor, j: int, c: ForwardCache, w: TransformerWeights,
-                       rules: RuleSet, ledger: Ledger) -> tuple[Tensor, Tensor]:
-    """g at the output of decoder layer ``j`` -> (g at its query-stream input, updated g of memory)."""
+                       rules: RuleSet, ledger: Ledger, use_maps: bool = False,
+                       maps_budget: int = 1 << 62) -> tuple[Tensor, Tensor]:
+    """g at the output of decoder layer ``j`` -> (g at its query-stream input, updated g of memory).
+
+    With ``use_maps`` the FFN block goes through the folded per-query maps of :func:`decoder_token_maps`.
+    """
     eps = rules.epsilon
     lw = w.decoder[j]
     p = f"dec.{j}."
-    t, y = c[f"dec.x.{j}"], c[f"dec.x.{j + 1}"]
-    f, u = c[p + "f"], c[p + "u"]
-    sa, ca = c[p + "sa"], c[p + "ca"]
+    t = c[f"dec.x.{j}"]
+    sa = c[p + "sa"]
     mem, pos = memory_of(c, w), c["pos"]
     qpos = c["qpos"].unsqueeze(0).expand_as(t)
-    bias = 0.0
+    key = ("dec", j, eps)
+    if use_maps and (j + 1) * decoder_maps_nbytes(c) <= maps_budget:
+        if key not in c.derived:
+            c.derived[key] = decoder_token_maps(c, j, w, eps)
+        e, cvec = c.derived[key]
+        bias = ledger.rel(cvec, g)
+        g = mm(g, e)
+    else:
+        g, bias = _decoder_block_back(g, j, c, w, eps)
     if w.pre_norm:
-        n1, n2, n3 = c[p + "ln1"], c[p + "ln2"], c[p + "ln3"]
-        z1 = t + sa
-        z2 = z1 + ca
-        g = stab(g, y, eps)
-        gf, b = ffn_back(g, f, u, lw.ffn, eps)
-        bias = bias + b
-        gn3, b = layernorm_back(gf, n3, c[p + "rstd3"], lw.norm3.gamma, lw.norm3.beta, eps)
-        g = stab(g + gn3, z2, eps)
-        bias = bias + b
+        n1, n2 = c[p + "ln1"], c[p + "ln2"]
         ag = attention_back(g, _attn(c, p + "c"), lw.cross_attn, rules)
         g_mem = g_mem + ag.value_in
         if ag.query_in is not None:
@@ -277,7 +360,7 @@ def decoder_layer_back(g: Tensor, g_mem: Tensor, j: int, c: ForwardCache, w: Tra
             bias = bias + b
         bias = bias + ag.bias
         ledger.softmax = ledger.softmax + ag.softmax_leak
-        g = stab(g, z1, eps)
+        g = stab(g, t + sa, eps)
         ag = attention_back(g, _attn(c, p + "s"), lw.self_attn, rules)
         gn1 = ag.value_in
         if ag.query_in is not None:
@@ -286,15 +369,7 @@ def decoder_layer_back(g: Tensor, g_mem: Tensor, j: int, c: ForwardCache, w: Tra
         ledger.bias = ledger.bias + bias + b + ag.bias
         ledger.softmax = ledger.softmax + ag.softmax_leak
         return g + gt, g_mem
-    h1, h2 = c[p + "ln1"], c[p + "ln2"]
-    g, b = layernorm_back(g, y, c[p + "rstd3"], lw.norm3.gamma, lw.norm3.beta, eps)
-    bias = bias + b
-    g = stab(g, h2 + f, eps)
-    gf, b = ffn_back(g, f, u, lw.ffn, eps)
-    bias = bias + b
-    g, b = layernorm_back(g + gf, h2, c[p + "rstd2"], lw.norm2.gamma, lw.norm2.beta, eps)
-    bias = bias + b
-    g = stab(g, h1 + ca, eps)
+    h1 = c[p + "ln1"]
     ag = attention_back(g, _attn(c, p + "c"), lw.cross_attn, rules)
     g_mem = g_mem + ag.value_in
     if ag.query_in is not None:
@@ -319,16 +394,17 @@ def propagate(c: ForwardCache, w: TransformerWeights, rules: RuleSet, module: st
               maps_budget: int = 1 << 62) -> Tensor:
     """Propagate ``g`` from the output of ``module`` layer ``layer`` to the encoder input tokens.
 
-    ``use_maps``: route the encoder layers through per-token maps (building them costs about as much
-    as ``hidden_dim / 2`` direct targets); layer i uses them when ``(i + 1)`` layers' maps fit
-    ``maps_budget`` bytes.
+    ``use_maps``: route the layers' FFN blocks through per-token maps (building them costs about as much
+    as ``hidden_dim / 4`` direct targets); decoder layer j uses them when ``j + 1`` decoder layers' maps
+    fit ``maps_budget`` bytes, encoder layer i when ``i + 1`` encoder layers' and all decoder layers'
+    maps fit.
     """
     if module == "decoder":
         mem = memory_of(c, w)
         b, t, n, d = g.shape[0], mem.shape[1], g.shape[2], g.shape[3]
         g_mem = torch.zeros(b, t, n, d, dtype=g.dtype, device=g.device)
         for j in range(layer, -1, -1):
-            g, g_mem = decoder_layer_back(g, g_mem, j, c, w, rules, ledger)
+            g, g_mem = decoder_layer_back(g, g_mem, j, c, w, rules, ledger, use_maps, maps_budget)
             ledger.record(f"decoder.{j}.in", ledger.rel(c[f"dec.x.{j}"], g) + ledger.rel(mem, g_mem))
         g = g_mem
         top = len(w.encoder) - 1
