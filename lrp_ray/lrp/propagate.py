@@ -188,6 +188,21 @@ def block_token_maps(b: FfnBlock, eps: float, sparse: bool | None = None) -> tup
     return e.view(bsz, t, d, d), cvec.view(bsz, t, d)
 
 
+def block_back(g: Tensor, b: FfnBlock, eps: float) -> tuple[Tensor, Tensor]:
+    """Direct path through a layer's FFN block: g at the layer output -> g at the stabilised sum node
+    ``z``, and the relevance the block's biases and LayerNorm shifts absorb ([B, N])."""
+    if b.pre_norm:
+        g = stab(g, b.y, eps)
+        gf, b1 = ffn_back(g, b.f, b.u, b.ffn, eps)
+        gn, b2 = layernorm_back(gf, b.ln, b.rstd, b.norm.gamma, b.norm.beta, eps)
+        return stab(g + gn, b.z, eps), b1 + b2
+    g, b1 = layernorm_back(g, b.y, b.rstd_out, b.norm_out.gamma, b.norm_out.beta, eps)
+    g = stab(g, b.ln + b.f, eps)
+    gf, b2 = ffn_back(g, b.f, b.u, b.ffn, eps)
+    g, b3 = layernorm_back(g + gf, b.ln, b.rstd, b.norm.gamma, b.norm.beta, eps)
+    return stab(g, b.z, eps), b1 + b2 + b3
+
+
 def encoder_token_maps(c: ForwardCache, i: int, w: TransformerWeights, eps: float,
                        sparse: bool | None = None) -> tuple[Tensor, Tensor]:
     """:func:`block_token_maps` of encoder layer ``i`` (per encoder token)."""
@@ -271,25 +286,9 @@ def encoder_layer_back(g: Tensor | EncoderStart, i: int, c: ForwardCache, w: Tra
         return _encoder_attention_back(gz, i, c, w, rules, ledger)
     if isinstance(g, EncoderStart):
         g = g.dense()
-    lw = w.encoder[i]
-    p = f"enc.{i}."
-    x, y = c[f"enc.x.{i}"], c[f"enc.x.{i + 1}"]
-    f, a, u = c[p + "f"], c[p + "a"], c[p + "u"]
-    if w.pre_norm:
-        n2 = c[p + "ln2"]
-        g = stab(g, y, eps)
-        gf, b1 = ffn_back(g, f, u, lw.ffn, eps)
-        gn2, b2 = layernorm_back(gf, n2, c[p + "rstd2"], lw.norm2.gamma, lw.norm2.beta, eps)
-        g = stab(g + gn2, x + a, eps)
-        ledger.bias = ledger.bias + b1 + b2
-        return _encoder_attention_back(g, i, c, w, rules, ledger)
-    h = c[p + "ln1"]
-    g, b1 = layernorm_back(g, y, c[p + "rstd2"], lw.norm2.gamma, lw.norm2.beta, eps)
-    g = stab(g, h + f, eps)
-    gf, b2 = ffn_back(g, f, u, lw.ffn, eps)
-    g, b3 = layernorm_back(g + gf, h, c[p + "rstd1"], lw.norm1.gamma, lw.norm1.beta, eps)
-    ledger.bias = ledger.bias + b1 + b2 + b3
-    return _encoder_attention_back(stab(g, x + a, eps), i, c, w, rules, ledger)
+    g, bias = block_back(g, encoder_block(c, i, w), eps)
+    ledger.bias = ledger.bias + bias
+    return _encoder_attention_back(g, i, c, w, rules, ledger)
 
 
 def memory_of(c: ForwardCache, w: TransformerWeights) -> Tensor:
@@ -301,28 +300,6 @@ def decoder_maps_nbytes(c: ForwardCache) -> int:
     """Bytes of one decoder layer's folded per-query maps for this cache."""
     b, q, d = c["dec.x.0"].shape
     return b * q * (d * d + d) * c["dec.0.u"].element_size()
-
-
-def _decoder_block_back(g: Tensor, j: int, c: ForwardCache, w: TransformerWeights, eps: float
-                        ) -> tuple[Tensor, Tensor | float]:
-    """Direct path: g at the output of decoder layer ``j`` -> g at the stabilised sum node before its
-    FFN block (and the relevance the block's biases and LayerNorm shifts absorb)."""
-    lw = w.decoder[j]
-    p = f"dec.{j}."
-    y, f, u = c[f"dec.x.{j + 1}"], c[p + "f"], c[p + "u"]
-    if w.pre_norm:
-        n3 = c[p + "ln3"]
-        g = stab(g, y, eps)
-        gf, b1 = ffn_back(g, f, u, lw.ffn, eps)
-        gn3, b2 = layernorm_back(gf, n3, c[p + "rstd3"], lw.norm3.gamma, lw.norm3.beta, eps)
-        z2 = c[f"dec.x.{j}"] + c[p + "sa"] + c[p + "ca"]
-        return stab(g + gn3, z2, eps), b1 + b2
-    h1, h2 = c[p + "ln1"], c[p + "ln2"]
-    g, b1 = layernorm_back(g, y, c[p + "rstd3"], lw.norm3.gamma, lw.norm3.beta, eps)
-    g = stab(g, h2 + f, eps)
-    gf, b2 = ffn_back(g, f, u, lw.ffn, eps)
-    g, b3 = layernorm_back(g + gf, h2, c[p + "rstd2"], lw.norm2.gamma, lw.norm2.beta, eps)
-    return stab(g, h1 + c[p + "ca"], eps), b1 + b2 + b3
 
 
 def decoder_layer_back(g: Tensor, g_mem: Tensor, j: int, c: ForwardCache, w: TransformerWeights,
@@ -347,7 +324,7 @@ def decoder_layer_back(g: Tensor, g_mem: Tensor, j: int, c: ForwardCache, w: Tra
         bias = ledger.rel(cvec, g)
         g = mm(g, e)
     else:
-        g, bias = _decoder_block_back(g, j, c, w, eps)
+        g, bias = block_back(g, decoder_block(c, j, w), eps)
     if w.pre_norm:
         n1, n2 = c[p + "ln1"], c[p + "ln2"]
         ag = attention_back(g, _attn(c, p + "c"), lw.cross_attn, rules)
