@@ -194,8 +194,8 @@ def cross_check(engine: Any, cache: Any, layer: int = 1, features: int = 4,
         cache.derived.clear()
         mapper.relevance(cache, "encoder", layer, list(range(s["d"])), chunk=s["d"])
         built = maps_layers(cache)
-        # the engine's path choice depends on the call only: maps for calls of >= d/2 targets
-        small_uses_maps = built > 0 and features >= max(1, s["d"] // 2)
+        # the engine's path choice depends on the call only: maps for calls of enough targets
+        small_uses_maps = built > 0 and features >= mapper.maps_min_targets
         row(f"encoder layer {layer}, N={features}, after maps were built ({built} layers)",
             lambda: mapper.relevance(cache, "encoder", layer, feats, chunk=features),
             want(features, "encoder", small_uses_maps))

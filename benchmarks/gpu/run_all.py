@@ -340,8 +340,8 @@ def part_propagation(ctx: Ctx) -> tuple[dict, str]:
                     med, times = timed(ctx, call, a.reps)
                     peak = ctx.peak_gb()
                     n_layers = layer + 1 if module == "encoder" else s["enc_layers"]
-                    # the engine takes its per-token maps for calls of >= hidden_dim/2 targets only
-                    uses_maps = mode == "ffn_maps" and k >= max(1, s["d"] // 2)
+                    # the engine takes its per-token maps for calls of enough targets only
+                    uses_maps = mode == "ffn_maps" and k >= eng.maps_min_targets
                     used = min(maps_layers(cache), n_layers) if uses_maps else 0
                     kw = dict(B=s["B"], T=s["T"], d=s["d"], dff=s["dff"], H=s["H"], N=k,
                               layers=layer + 1, module=module, Q=s["Q"], enc_layers=s["enc_layers"])

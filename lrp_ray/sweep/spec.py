@@ -24,7 +24,7 @@ __all__ = [
 
 DEFAULT_ITEM_FEATURES = 128
 """Features per work item when ``feature_chunk`` is ``auto`` (the engine may split an item further).
-At least hidden_dim/2 targets per call let the engine use its per-token maps (DETR-R50: 256/2)."""
+Enough targets per call (hidden_dim/4 on CPU, /2 on GPUs) let the engine use its per-token maps."""
 
 
 class BadRequest(ValueError):
