@@ -37,7 +37,8 @@ class EngineConfig:
     ffn_maps: bool = True
     """Fold FFN blocks into per-token maps for calls with >= hidden_dim/4 targets (CPU; /2 on GPUs)."""
     maps_budget_bytes: int | None = None
-    """Bytes of per-token maps kept per cache; None: a quarter of the device's memory (RAM on CPU)."""
+    """Bytes of per-token maps kept per cache; None: a quarter of the GPU's memory, or on CPU a quarter of
+    the RAM times this process's share of the cores (its torch threads / CPU count)."""
 
     def __post_init__(self) -> None:
         RuleSet(self.rules, self.epsilon)
@@ -96,8 +97,9 @@ class LrpEngine:
         if budget is None:
             if self.device.type == "cuda":
                 budget = torch.cuda.get_device_properties(self.device).total_memory // 4
-            else:
-                budget = _physical_memory() // 4
+            else:  # processes sharing a machine (sweep actors) split it by their threads
+                share = min(1.0, torch.get_num_threads() / max(1, os.cpu_count() or 1))
+                budget = int(_physical_memory() // 4 * share)
         self.maps_budget = int(budget)
         # building a layer's maps costs about as much as d/4 direct targets on CPU (open ReLU units
         # only, about half of them) and d/2 with the dense batched build elsewhere
