@@ -255,7 +255,7 @@ def test_ffn_maps_respect_their_memory_budget():
     fit; whatever is built stays within the budget and changes no result."""
     parts = tiny_detr()
     src, pos, mask = token_inputs(32, SIZES)
-    from lrp_ray.lrp.propagate import decoder_maps_nbytes, token_maps_nbytes
+    from lrp_ray.lrp.blocks import decoder_maps_nbytes, token_maps_nbytes
 
     probe = _engine(parts).forward_tokens(src, pos, mask)
     enc, dec = token_maps_nbytes(probe), decoder_maps_nbytes(probe)
@@ -305,7 +305,7 @@ def test_ffn_token_maps_match_einsum(density, eps, sparse):
 @pytest.mark.parametrize("eps", [0.0, 1e-3])
 def test_encoder_token_maps_blocked_sparse_equals_one_dense_block(pre_norm, eps, monkeypatch):
     """The CPU build (sparse products, folded in small token blocks) equals one dense batched build."""
-    from lrp_ray.lrp import propagate as prop
+    from lrp_ray.lrp import blocks as prop
 
     parts = tiny_detr(pre_norm=pre_norm)
     src, pos, mask = token_inputs(32, SIZES)

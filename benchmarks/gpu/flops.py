@@ -21,8 +21,8 @@ in the module it starts in (``layer + 1``); a decoder start also passes all ``en
 ``ffn_maps``: the encoder layers go through the per-token maps (after they were built; building them is
 :func:`ffn_map_build_flops`, once per forward cache and layer).
 
-Keep in step with ``lrp_ray/lrp/propagate.py`` and ``rules.py``: ``tests/test_benchmarks_smoke.py`` checks
-the count against FlopCounterMode.
+Keep in step with ``lrp_ray/lrp/propagate.py``, ``blocks.py`` and ``rules.py``:
+``tests/test_benchmarks_smoke.py`` checks the count against FlopCounterMode.
 """
 
 from __future__ import annotations
