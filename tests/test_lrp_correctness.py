@@ -280,25 +280,24 @@ def test_ffn_maps_respect_their_memory_budget():
 @pytest.mark.parametrize("sparse", [True, False])
 @pytest.mark.parametrize("eps", [0.0, 1e-3])
 @pytest.mark.parametrize("density", [0.0, 0.1, 0.9, 1.0])
-def test_ffn_token_maps_match_einsum(density, eps, sparse):
-    """Sparse (active units only) and dense builds equal W2 diag(gate rho(u)) W1, also with no unit or
+def test_gated_products_match_einsum(density, eps, sparse):
+    """Sparse (active units only) and dense products equal W2 diag(gate rho(u)) W1, also with no unit or
     every unit active and with epsilon factors (a non-binary scale)."""
-    from types import SimpleNamespace
-
-    from lrp_ray.lrp.rules import ffn_token_maps
+    from lrp_ray.lrp.rules import ffn_gate_scale, gated_products
 
     g = torch.Generator().manual_seed(0)
     d, dff = 8, 40
-    ffn = SimpleNamespace(w2=torch.randn(d, dff, generator=g, dtype=torch.float64),
-                          w1=torch.randn(dff, d, generator=g, dtype=torch.float64),
-                          b1=torch.randn(dff, generator=g, dtype=torch.float64))
+    w2 = torch.randn(d, dff, generator=g, dtype=torch.float64)
+    w1 = torch.randn(dff, d, generator=g, dtype=torch.float64)
     u = torch.randn(2, 5, dff, generator=g, dtype=torch.float64)
     u = torch.where(torch.rand(2, 5, dff, generator=g, dtype=torch.float64) < density, u.abs(), -u.abs())
-    maps, vecs = ffn_token_maps(u, ffn, eps, sparse=sparse)
-    scale = (u > 0).to(u.dtype) * u / (u + eps * torch.where(u >= 0, 1.0, -1.0))
-    ref = torch.einsum("cj,btj,jd->btcd", ffn.w2, scale, ffn.w1)
-    assert torch.allclose(maps, ref, atol=1e-12)
-    assert torch.allclose(vecs, torch.einsum("cj,btj->btc", ffn.w2, scale * ffn.b1), atol=1e-12)
+    scale = ffn_gate_scale(u, eps, torch.float64)
+    sign = torch.where(u >= 0, torch.ones_like(u), -torch.ones_like(u))
+    ref_scale = (u > 0).to(u.dtype) * u / (u + eps * sign)
+    assert torch.allclose(scale, ref_scale, rtol=1e-14, atol=0)
+    maps = gated_products(w2, w1, scale.reshape(10, dff), torch.empty(10, d, d, dtype=torch.float64), sparse)
+    ref = torch.einsum("cj,btj,jd->btcd", w2, ref_scale, w1)
+    assert torch.allclose(maps.view(2, 5, d, d), ref, atol=1e-12)
 
 
 @pytest.mark.parametrize("pre_norm", [False, True])

@@ -152,24 +152,6 @@ def ffn_gate_scale(u: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
     return gate if r is None else gate * r.squeeze(2).to(dtype)
 
 
-def ffn_token_maps(u: Tensor, ffn, eps: float, sparse: bool | None = None) -> tuple[Tensor, Tensor]:
-    """Per-token linear map of the FFN backward.
-
-    For token t: ``g_x = (g_f rho(f)) @ M_t`` with ``M_t = W2 diag(gate_t rho(u_t)) W1`` ([d, d]) and the
-    hidden bias relevance ``(g_f rho(f)) @ v_t`` with ``v_t = W2 (gate_t rho(u_t) b1)``. Building the
-    maps costs ``d * d`` per token and active hidden unit, once per cache and layer, independent of the
-    number of targets; afterwards each target costs ``d * d`` per token instead of ``2 * d * dff``.
-    """
-    b, t, dff = u.shape
-    w2, w1 = ffn.w2, ffn.w1
-    d = w2.shape[0]
-    flat = ffn_gate_scale(u, eps, w1.dtype).reshape(b * t, dff)
-    maps = torch.empty(b * t, d, d, dtype=w1.dtype, device=u.device)
-    gated_products(w2, w1, flat, maps, sparse)
-    vecs = (flat * ffn.b1) @ w2.T
-    return maps.view(b, t, d, d), vecs.view(b, t, d)
-
-
 def _heads(g: Tensor, nheads: int) -> Tensor:
     """[B,T,N,d] -> [B,H,T,N*dh]."""
     b, t, n, d = g.shape
