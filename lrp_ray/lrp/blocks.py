@@ -88,15 +88,17 @@ def block_token_maps(b: FfnBlock, eps: float, sparse: bool | None = None) -> tup
     relevance its biases absorb, ``sum_t g_out[t] . c_t``.
 
     Building costs ``d * d`` per token and active FFN unit once per cache and layer; each target then
-    costs ``d*d`` per token instead of ``2 * d * dff`` plus a dozen elementwise passes.
+    costs ``d*d`` per token instead of ``2 * d * dff`` plus a dozen elementwise passes. For half compute
+    dtypes the maps are built and folded in fp32 (the LayerNorm centring cancels) and stored in half.
     """
     bsz, t, d = b.z.shape
     n = bsz * t
-    w1, w2 = b.ffn.w1, b.ffn.w2
-    dt = w1.dtype
+    store = b.ffn.w1.dtype
+    dt = torch.float32 if store in (torch.bfloat16, torch.float16) else store
+    w1, w2 = b.ffn.w1.to(dt), b.ffn.w2.to(dt)
     flat = lambda z: z.reshape(n, -1).to(dt)
     scale = ffn_gate_scale(b.u, eps, dt).reshape(n, -1)
-    vecs = (scale * b.ffn.b1) @ w2.T
+    vecs = (scale * b.ffn.b1.to(dt)) @ w2.T
     mvec = lambda v: (scale * (v @ w1.T)) @ w2.T  # M_t v for every token, without the maps
     r_f, r_y, r_z1 = _rho(flat(b.f), eps), _rho(flat(b.y), eps), _rho(flat(b.z), eps)
     b2 = b.ffn.b2.to(dt)
@@ -134,13 +136,17 @@ def block_token_maps(b: FfnBlock, eps: float, sparse: bool | None = None) -> tup
             _scale_cols(m, _vec(g1, _at(r_h, s)))
             m.sub_(m.mean(-1, keepdim=True))
             _scale_cols(m, _at(r_z1, s))
-    e = torch.empty(n, d, d, dtype=dt, device=b.z.device)
+    e = torch.empty(n, d, d, dtype=store, device=b.z.device)
     cpu = b.z.device.type == "cpu"  # elsewhere a block's dense product needs a [blk, d, dff] operand
     dff = w1.shape[0]
-    blk = max(1, MAP_BLOCK_BYTES["cpu" if cpu else "other"] // (d * (d if cpu else dff) * e.element_size()))
+    elem = torch.empty((), dtype=dt).element_size()
+    blk = max(1, MAP_BLOCK_BYTES["cpu" if cpu else "other"] // (d * (d if cpu else dff) * elem))
     for k in range(0, n, blk):
         s = slice(k, k + blk)
-        fold(gated_products(w2, w1, scale[s], e[s], sparse), s)  # in place, block by block
+        m = e[s] if store == dt else torch.empty(len(range(n)[s]), d, d, dtype=dt, device=e.device)
+        fold(gated_products(w2, w1, scale[s], m, sparse), s)  # in place, block by block
+        if m.dtype != store:
+            e[s] = m
     return e.view(bsz, t, d, d), cvec.view(bsz, t, d)
 
 
@@ -191,15 +197,15 @@ def _scale_cols(m: Tensor, v: Tensor | None) -> None:
         m.mul_(v.unsqueeze(-2))
 
 
-def token_maps_nbytes(c: ForwardCache) -> int:
-    """Bytes of one encoder layer's folded per-token maps for this cache."""
+def token_maps_nbytes(c: ForwardCache, w: TransformerWeights) -> int:
+    """Bytes of one encoder layer's folded per-token maps for this cache (built in the compute dtype)."""
     b, t, d = c["enc.x.0"].shape
-    return b * t * (d * d + d) * c["enc.0.u"].element_size()
+    return b * t * (d * d + d) * w.encoder[0].ffn.w1.element_size()
 
 
-def decoder_maps_nbytes(c: ForwardCache) -> int:
-    """Bytes of one decoder layer's folded per-query maps for this cache."""
+def decoder_maps_nbytes(c: ForwardCache, w: TransformerWeights) -> int:
+    """Bytes of one decoder layer's folded per-query maps for this cache (built in the compute dtype)."""
     b, q, d = c["dec.x.0"].shape
-    return b * q * (d * d + d) * c["dec.0.u"].element_size()
+    return b * q * (d * d + d) * w.decoder[0].ffn.w1.element_size()
 
 

@@ -96,7 +96,8 @@ def encoder_layer_back(g: Tensor | EncoderStart, i: int, c: ForwardCache, w: Tra
     key = ("enc", i, eps)
     # stateless choice (same call -> same arithmetic, whatever the cache served before): maps for the
     # lowest layers that fit the budget, after every decoder layer's (small) per-query maps
-    if use_maps and (i + 1) * token_maps_nbytes(c) + len(w.decoder) * decoder_maps_nbytes(c) <= maps_budget:
+    need = (i + 1) * token_maps_nbytes(c, w) + len(w.decoder) * decoder_maps_nbytes(c, w)
+    if use_maps and need <= maps_budget:
         if key not in c.derived:
             c.derived[key] = encoder_token_maps(c, i, w, eps)
         e, cvec = c.derived[key]
@@ -130,7 +131,7 @@ def decoder_layer_back(g: Tensor, g_mem: Tensor, j: int, c: ForwardCache, w: Tra
     mem, pos = memory_of(c, w), c["pos"]
     qpos = c["qpos"].unsqueeze(0).expand_as(t)
     key = ("dec", j, eps)
-    if use_maps and (j + 1) * decoder_maps_nbytes(c) <= maps_budget:
+    if use_maps and (j + 1) * decoder_maps_nbytes(c, w) <= maps_budget:
         if key not in c.derived:
             c.derived[key] = decoder_token_maps(c, j, w, eps)
         e, cvec = c.derived[key]

@@ -186,8 +186,9 @@ def attention_back(g: Tensor, c: dict[str, Tensor], w, rules: RuleSet) -> AttnGr
     go, bias = linear_back(g, c["a"], w.wo, w.bo, eps)
     go = stab(go, c["o"], eps)
     p = c["p"]
+    cd = w.wo.dtype  # the products run in the compute dtype, whatever precision the forward cached
     half = 0.5 if rules.attention_relevance else 1.0
-    gv = _unheads(mm(_heads(go, w.nheads).transpose(-1, -2), p).transpose(-1, -2), n)
+    gv = _unheads(mm(_heads(go, w.nheads).transpose(-1, -2), p.to(cd)).transpose(-1, -2), n)
     if half != 1.0:
         gv = gv * half
     gvin, bv = linear_back(gv, c["v"], w.wv, w.bv, eps)
@@ -202,7 +203,7 @@ def attention_back(g: Tensor, c: dict[str, Tensor], w, rules: RuleSet) -> AttnGr
     tk = c["v"].shape[1]
     go_h = go.view(b, tq, n, h, dh).permute(0, 3, 2, 1, 4)            # [B,H,N,Tq,dh]
     v_h = c["v"].view(b, tk, h, dh).permute(0, 2, 1, 3).unsqueeze(2)   # [B,H,1,Tk,dh]
-    gp = 0.5 * mm(go_h, v_h.transpose(-1, -2))                           # [B,H,N,Tq,Tk]
+    gp = 0.5 * mm(go_h, v_h.transpose(-1, -2).to(cd))                   # [B,H,N,Tq,Tk]
     pn = p.unsqueeze(2)
     # ... softmax rule: input x gradient of the softmax ...
     gl = pn * (gp - (pn * gp).sum(-1, keepdim=True))
@@ -216,8 +217,8 @@ def attention_back(g: Tensor, c: dict[str, Tensor], w, rules: RuleSet) -> AttnGr
     if r is not None:
         gl = gl * r
     # ... and the uniform rule on logits = (q * scale) @ k^T.
-    gq = 0.5 * scale * mm(gl, k_h)                     # [B,H,N,Tq,dh]
-    gk = 0.5 * mm(gl.transpose(-1, -2), q_h)           # [B,H,N,Tk,dh]
+    gq = 0.5 * scale * mm(gl, k_h.to(cd))              # [B,H,N,Tq,dh]
+    gk = 0.5 * mm(gl.transpose(-1, -2), q_h.to(cd))    # [B,H,N,Tk,dh]
     gq = gq.permute(0, 3, 2, 1, 4).reshape(b, tq, n, d)
     gk = gk.permute(0, 3, 2, 1, 4).reshape(b, tk, n, d)
     gqin, bq = linear_back(gq, c["q"], w.wq, w.bq, eps)
