@@ -331,18 +331,20 @@ def test_gated_products_match_einsum(density, eps, sparse):
     assert torch.allclose(maps.view(2, 5, d, d), ref, atol=1e-12)
 
 
+@pytest.mark.parametrize("module", ["encoder", "decoder"])
 @pytest.mark.parametrize("pre_norm", [False, True])
 @pytest.mark.parametrize("eps", [0.0, 1e-3])
-def test_encoder_token_maps_blocked_sparse_equals_one_dense_block(pre_norm, eps, monkeypatch):
+def test_token_maps_blocked_sparse_equal_one_dense_block(module, pre_norm, eps, monkeypatch):
     """The CPU build (sparse products, folded in small token blocks) equals one dense batched build."""
-    from lrp_ray.lrp import blocks as prop
+    from lrp_ray.lrp import blocks
 
     parts = tiny_detr(pre_norm=pre_norm)
     src, pos, mask = token_inputs(32, SIZES)
     eng = _engine(parts, eps=eps)
     cache = eng.forward_tokens(src, pos, mask)
-    e_dense, c_dense = prop.encoder_token_maps(cache, 1, eng.weights, eps, sparse=False)
-    monkeypatch.setitem(prop.MAP_BLOCK_BYTES, "cpu", 3 * 32 * 32 * 8)  # 3 tokens per block
-    e_sparse, c_sparse = prop.encoder_token_maps(cache, 1, eng.weights, eps, sparse=True)
+    block = (blocks.encoder_block if module == "encoder" else blocks.decoder_block)(cache, 1, eng.weights)
+    e_dense, c_dense = blocks.block_token_maps(block, eps, sparse=False)
+    monkeypatch.setitem(blocks.MAP_BLOCK_BYTES, "cpu", 3 * 32 * 32 * 8)  # 3 tokens per block
+    e_sparse, c_sparse = blocks.block_token_maps(block, eps, sparse=True)
     assert torch.allclose(e_sparse, e_dense, rtol=1e-12, atol=1e-12)
     assert torch.equal(c_sparse, c_dense)

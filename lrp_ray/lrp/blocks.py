@@ -143,7 +143,7 @@ def block_token_maps(b: FfnBlock, eps: float, sparse: bool | None = None) -> tup
     blk = max(1, MAP_BLOCK_BYTES["cpu" if cpu else "other"] // (d * (d if cpu else dff) * elem))
     for k in range(0, n, blk):
         s = slice(k, k + blk)
-        m = e[s] if store == dt else torch.empty(len(range(n)[s]), d, d, dtype=dt, device=e.device)
+        m = e[s] if store == dt else torch.empty(min(k + blk, n) - k, d, d, dtype=dt, device=e.device)
         fold(gated_products(w2, w1, scale[s], m, sparse), s)  # in place, block by block
         if m.dtype != store:
             e[s] = m
@@ -163,18 +163,6 @@ def block_back(g: Tensor, b: FfnBlock, eps: float) -> tuple[Tensor, Tensor]:
     gf, b2 = ffn_back(g, b.f, b.u, b.ffn, eps)
     g, b3 = layernorm_back(g + gf, b.ln, b.rstd, b.norm.gamma, b.norm.beta, eps)
     return stab(g, b.z, eps), b1 + b2 + b3
-
-
-def encoder_token_maps(c: ForwardCache, i: int, w: TransformerWeights, eps: float,
-                       sparse: bool | None = None) -> tuple[Tensor, Tensor]:
-    """:func:`block_token_maps` of encoder layer ``i`` (per encoder token)."""
-    return block_token_maps(encoder_block(c, i, w), eps, sparse)
-
-
-def decoder_token_maps(c: ForwardCache, j: int, w: TransformerWeights, eps: float,
-                       sparse: bool | None = None) -> tuple[Tensor, Tensor]:
-    """:func:`block_token_maps` of decoder layer ``j`` (per object query)."""
-    return block_token_maps(decoder_block(c, j, w), eps, sparse)
 
 
 def _at(v: Tensor | None, s: slice) -> Tensor | None:

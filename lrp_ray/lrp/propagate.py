@@ -7,18 +7,19 @@ for relevance absorbed by biases, positional embeddings (attnlrp) and the softma
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from .blocks import (
+    FfnBlock,
     block_back,
+    block_token_maps,
     decoder_block,
     decoder_maps_nbytes,
-    decoder_token_maps,
     encoder_block,
-    encoder_token_maps,
     token_maps_nbytes,
 )
 from .cache import ForwardCache
@@ -60,6 +61,25 @@ def _split_sum(g: Tensor, base: Tensor, other: Tensor, eps: float, ledger: Ledge
     return gs
 
 
+def _ffn_block_back(g: Tensor | EncoderStart, c: ForwardCache, key: tuple, block: Callable[[], FfnBlock],
+                    folded: bool, ledger: Ledger) -> Tensor:
+    """g at a layer's output -> g at the stabilised sum node before its FFN block: through the block's
+    folded per-token maps (built once per cache and layer, kept as derived data under ``key``) or
+    directly. The relevance its biases absorb goes to the ledger."""
+    eps = key[-1]
+    if folded:
+        if key not in c.derived:
+            c.derived[key] = block_token_maps(block(), eps)
+        e, cvec = c.derived[key]
+        ledger.bias = ledger.bias + ledger.rel(cvec, g)
+        return g.rows(e) if isinstance(g, EncoderStart) else mm(g, e)
+    if isinstance(g, EncoderStart):
+        g = g.dense()
+    g, bias = block_back(g, block(), eps)
+    ledger.bias = ledger.bias + bias
+    return g
+
+
 def _encoder_attention_back(g: Tensor, i: int, c: ForwardCache, w: TransformerWeights, rules: RuleSet,
                             ledger: Ledger) -> Tensor:
     """From g just before the attention sum node of encoder layer ``i`` (stabilised) to its input."""
@@ -89,25 +109,13 @@ def encoder_layer_back(g: Tensor | EncoderStart, i: int, c: ForwardCache, w: Tra
                        maps_budget: int = 1 << 62) -> Tensor:
     """g at the output of encoder layer ``i`` -> g at its input.
 
-    With ``use_maps`` the per-token part goes through the folded maps of :func:`encoder_token_maps`
-    (built once per cache and layer, kept as derived data).
+    With ``use_maps`` the FFN block goes through folded per-token maps (:func:`_ffn_block_back`).
     """
-    eps = rules.epsilon
-    key = ("enc", i, eps)
     # stateless choice (same call -> same arithmetic, whatever the cache served before): maps for the
     # lowest layers that fit the budget, after every decoder layer's (small) per-query maps
     need = (i + 1) * token_maps_nbytes(c, w) + len(w.decoder) * decoder_maps_nbytes(c, w)
-    if use_maps and need <= maps_budget:
-        if key not in c.derived:
-            c.derived[key] = encoder_token_maps(c, i, w, eps)
-        e, cvec = c.derived[key]
-        ledger.bias = ledger.bias + ledger.rel(cvec, g)
-        gz = g.rows(e) if isinstance(g, EncoderStart) else mm(g, e)
-        return _encoder_attention_back(gz, i, c, w, rules, ledger)
-    if isinstance(g, EncoderStart):
-        g = g.dense()
-    g, bias = block_back(g, encoder_block(c, i, w), eps)
-    ledger.bias = ledger.bias + bias
+    g = _ffn_block_back(g, c, ("enc", i, rules.epsilon), lambda: encoder_block(c, i, w),
+                        use_maps and need <= maps_budget, ledger)
     return _encoder_attention_back(g, i, c, w, rules, ledger)
 
 
@@ -121,7 +129,7 @@ def decoder_layer_back(g: Tensor, g_mem: Tensor, j: int, c: ForwardCache, w: Tra
                        maps_budget: int = 1 << 62) -> tuple[Tensor, Tensor]:
     """g at the output of decoder layer ``j`` -> (g at its query-stream input, updated g of memory).
 
-    With ``use_maps`` the FFN block goes through the folded per-query maps of :func:`decoder_token_maps`.
+    With ``use_maps`` the FFN block goes through folded per-query maps (:func:`_ffn_block_back`).
     """
     eps = rules.epsilon
     lw = w.decoder[j]
@@ -130,15 +138,9 @@ def decoder_layer_back(g: Tensor, g_mem: Tensor, j: int, c: ForwardCache, w: Tra
     sa = c[p + "sa"]
     mem, pos = memory_of(c, w), c["pos"]
     qpos = c["qpos"].unsqueeze(0).expand_as(t)
-    key = ("dec", j, eps)
-    if use_maps and (j + 1) * decoder_maps_nbytes(c, w) <= maps_budget:
-        if key not in c.derived:
-            c.derived[key] = decoder_token_maps(c, j, w, eps)
-        e, cvec = c.derived[key]
-        bias = ledger.rel(cvec, g)
-        g = mm(g, e)
-    else:
-        g, bias = block_back(g, decoder_block(c, j, w), eps)
+    g = _ffn_block_back(g, c, ("dec", j, eps), lambda: decoder_block(c, j, w),
+                        use_maps and (j + 1) * decoder_maps_nbytes(c, w) <= maps_budget, ledger)
+    bias = 0.0
     if w.pre_norm:
         n1, n2 = c[p + "ln1"], c[p + "ln2"]
         ag = attention_back(g, _attn(c, p + "c"), lw.cross_attn, rules)
