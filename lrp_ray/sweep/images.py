@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .spec import BadRequest
+from .writer import atomic_path
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageSet", "ImageInfo", "ImageError", "discover", "validate",
            "write_synthetic_images", "DEMO_IMAGES"]
@@ -170,7 +171,6 @@ def write_synthetic_images(folder: Path, n: int = 4) -> Path:
                 sel = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
             img[sel] = color
         arr = np.clip(img, 0, 255).astype(np.uint8)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        Image.fromarray(arr).save(tmp, format="PNG")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            Image.fromarray(arr).save(tmp, format="PNG")
     return folder

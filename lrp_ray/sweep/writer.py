@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 __all__ = ["SCHEMA", "result_to_table", "write_part", "done_keys", "clean_temp_files", "atomic_write_text",
-           "OWNED_NAMES", "clear_outputs"]
+           "atomic_path", "OWNED_NAMES", "clear_outputs"]
 
 SCHEMA = pa.schema([
     ("image", pa.string()),
@@ -96,43 +97,33 @@ def _tmp_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.tmp-{os.getpid()}")
 
 
-def _unlink_quietly(path: Path) -> None:
-    try:
-        path.unlink(missing_ok=True)
-    except OSError:
-        pass
-
-
-def write_part(dataset: Path, relpath: str, table: pa.Table) -> Path:
-    """Write ``table`` to ``dataset/relpath`` atomically (temp file + rename); returns the path.
-
-    On any error (disk full, read-only folder, ...) the temp file is removed and the error re-raised:
-    a part file that exists is always complete.
-    """
-    final = dataset / relpath
+@contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temp path next to ``final``; on success rename it to ``final``, on any error (disk full,
+    read-only folder, ...) remove it and re-raise: a file that exists at ``final`` is always complete."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(final)
     try:
-        pq.write_table(table.cast(SCHEMA), tmp, compression="zstd")
+        yield tmp
         os.replace(tmp, final)
     except BaseException:
-        _unlink_quietly(tmp)
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise
+
+
+def write_part(dataset: Path, relpath: str, table: pa.Table) -> Path:
+    """Write ``table`` to ``dataset/relpath`` atomically (see :func:`atomic_path`); returns the path."""
+    final = dataset / relpath
+    with atomic_path(final) as tmp:
+        pq.write_table(table.cast(SCHEMA), tmp, compression="zstd")
     return final
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file and a rename (no partial file on errors)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def done_keys(dataset: Path) -> set[str]:
