@@ -120,6 +120,8 @@ def summarize_partition(files: list[Path], module: str, layer: int) -> pd.DataFr
     if not chan_sum:
         return pd.DataFrame(columns=SUMMARY_COLUMNS)
     act, rel = best_act[0], best_rel[0]
+    mean = {c: m.mean for c, m in moments.items()}
+    std = {c: m.std() for c, m in moments.items()}
     rows = []
     for feature in sorted(chan_sum):
         n = float(moments["act_mean"].n.loc[feature])
@@ -127,13 +129,13 @@ def summarize_partition(files: list[Path], module: str, layer: int) -> pd.DataFr
         rows.append({
             "module": module, "layer": int(layer), "feature": feature, "n_rows": int(n),
             "n_images": len(images[feature]),
-            "relevance_mean": moments["relevance_total"].mean.loc[feature],
-            "relevance_std": moments["relevance_total"].std().loc[feature],
-            "input_relevance_mean": moments["input_relevance"].mean.loc[feature],
-            "input_relevance_std": moments["input_relevance"].std().loc[feature],
-            "activation_mean": moments["act_mean"].mean.loc[feature],
-            "activation_std": moments["act_mean"].std().loc[feature],
-            "activation_max_mean": moments["act_max"].mean.loc[feature],
+            "relevance_mean": mean["relevance_total"].loc[feature],
+            "relevance_std": std["relevance_total"].loc[feature],
+            "input_relevance_mean": mean["input_relevance"].loc[feature],
+            "input_relevance_std": std["input_relevance"].loc[feature],
+            "activation_mean": mean["act_mean"].loc[feature],
+            "activation_std": std["act_mean"].loc[feature],
+            "activation_max_mean": mean["act_max"].loc[feature],
             "top5_images_by_activation": _top(act, feature, 5),
             "top5_images_by_relevance": _top(rel, feature, 5),
             "top10_channels": "|".join(str(int(c)) for c in np.argsort(-mean_chan, kind="stable")[:10]),
