@@ -21,7 +21,6 @@ The helpers here (:func:`run_cli`, :func:`parse_log`, :func:`timing_split`) also
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -144,12 +143,10 @@ def run_cli(cli_args: Sequence[str], out: Path, *, timeout: float | None = None,
     run.rc = proc.returncode
     th.join(timeout=10)
     _kill_group(proc.pid)  # anything of ours left in the CLI's process group (Ray processes)
-    mpath = Path(out) / "manifest.json"
-    if mpath.is_file():
-        try:
-            run.manifest = json.loads(mpath.read_text())
-        except ValueError:
-            run.manifest = None
+    from lrp_ray.results import read_manifest
+
+    manifest = read_manifest(out)
+    run.manifest = None if manifest is None else manifest.model_dump(mode="json")
     return run
 
 

@@ -1,4 +1,8 @@
-"""Notebook API: load a model, explain features of a layer on images, get a DataFrame."""
+"""Notebook API: load a model, explain features of a layer on images, get a DataFrame.
+
+Frames have the columns and dtypes of :func:`lrp_ray.results.load` (a sweep's rows), so notebook frames
+and sweep outputs can be concatenated and compared directly.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +15,10 @@ import pandas as pd
 
 from .lrp import EngineConfig, LrpEngine, RelevanceResult
 from .models import ImageReadError, load_model, preprocess, read_image
+from .results import backbone_stride, empty_frame
+from .sweep.images import IMAGE_EXTENSIONS
 
 __all__ = ["load_model", "explain", "explain_arrays", "engine_for", "IMAGE_EXTENSIONS", "list_images"]
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -45,7 +49,9 @@ def _features(features: int | str | Iterable[int], hidden_dim: int) -> list[int]
 def explain_arrays(engine: LrpEngine, cfg: Any, images: Sequence[np.ndarray], ids: Sequence[str],
                    module: str, layer: int, features: int | str | Iterable[int],
                    queries: Any = None, batch_size: int = 4) -> pd.DataFrame:
-    """Relevance rows for RGB uint8 arrays: one forward per batch, all features from its cache."""
+    """Relevance rows for RGB uint8 arrays: one forward per batch, all features from its cache.
+
+    Rows carry the geometry of each image: original size, resized input size, token grid and stride."""
     feats = _features(features, engine.weights.hidden_dim)
     engine.validate(module, layer, feats)
     frames = []
@@ -53,8 +59,9 @@ def explain_arrays(engine: LrpEngine, cfg: Any, images: Sequence[np.ndarray], id
         batch = preprocess(list(images[i:i + batch_size]), cfg)
         cache = engine.forward(batch)
         res: RelevanceResult = engine.relevance(cache, module, layer, feats, queries)
-        frames.append(res.to_frame(list(ids[i:i + batch_size])))
-    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        frames.append(res.to_frame(list(ids[i:i + batch_size]), batch.image_sizes,
+                                   stride=backbone_stride(cfg), input_sizes=batch.input_sizes))
+    df = pd.concat(frames, ignore_index=True) if frames else empty_frame()
     if frames:
         df.attrs["profile_names"] = engine.profile_names(module, layer)
     return df

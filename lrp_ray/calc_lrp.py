@@ -12,10 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 
 from .api import explain, load_model
+from .results import SCHEMA
 
-_LIST_COLUMNS = ("token_map", "channel_relevance", "profile")
+_LIST_COLUMNS = tuple(f.name for f in SCHEMA if pa.types.is_list(f.type))
+"""Columns written as JSON lists (the row columns are those of :mod:`lrp_ray.results`)."""
 
 
 def main(images_dir: str | Path, layer_index: int = 5, feature_index: int | list[int] = 233,

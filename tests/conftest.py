@@ -158,9 +158,9 @@ def drop_dac_override() -> None:
 @pytest.fixture()
 def no_ray(monkeypatch):
     """Fails the test if the sweep gets as far as starting or joining Ray (so no actor can start)."""
-    from lrp_ray.sweep import driver
+    from lrp_ray.sweep import cluster
 
     def refuse(*a, **k):
         raise AssertionError("a bad request reached Ray")
 
-    monkeypatch.setattr(driver, "connect", refuse)
+    monkeypatch.setattr(cluster, "connect", refuse)

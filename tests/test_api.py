@@ -12,6 +12,8 @@ from PIL import Image
 from lrp_ray import calc_lrp
 from lrp_ray.api import engine_for, explain, load_model
 from lrp_ray.models import DetrConfig, build_model
+from lrp_ray.models.preprocess import resize_shape
+from lrp_ray.results import FRAME_COLUMNS
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +48,14 @@ def test_explain_rows_and_batch_independence(small_model, image_dir):
     assert not df.duplicated(["image", "feature"]).any()
     assert [e["image"].endswith("broken.jpg") for e in df.attrs["errors"]] == [True]
     assert df.attrs["profile_names"] == ["encoder.1.in", "encoder.0.in"]
+    assert list(df.columns) == list(FRAME_COLUMNS)  # the columns of a sweep's rows (lrp_ray.results.load)
     for _, row in df.iterrows():
         assert len(row.token_map) == row.grid_h * row.grid_w
         assert len(row.channel_relevance) == 32
+        h, w = Image.open(row.image).size[::-1]
+        assert (row.image_h, row.image_w) == (h, w)
+        assert (row.input_h, row.input_w) == resize_shape(h, w, 96, 160)
+        assert row.stride == 32 and (row.grid_h, row.grid_w) == (-(-row.input_h // 32), -(-row.input_w // 32))
     # each image alone equals the image inside a padded batch of different sizes
     alone = pd.concat([explain(small_model, [p], "encoder", 1, [0, 5, 31], batch_size=1, device="cpu")
                        for p in sorted(df.image.unique())], ignore_index=True)

@@ -35,13 +35,18 @@ def test_manual_forward_matches_module_forward(pre_norm):
     # decoder.norm(last layer output) is what the module returns last
     x0, p, kpm = _flat(src, pos, mask)
     enc, dec = oracle_forward(parts.transformer, x0, p, kpm, parts.query_embed.weight, "plain")
-    np.testing.assert_allclose(cache[f"enc.x.{len(enc)}"].numpy(), enc[-1].detach().numpy(), atol=1e-10)
-    np.testing.assert_allclose(cache[f"dec.x.{len(dec)}"].numpy(), dec[-1].detach().numpy(), atol=1e-10)
+    assert len(cache.encoder) == len(enc) and len(cache.decoder) == len(dec)
+    for rec, ref in zip(cache.encoder, enc, strict=True):
+        np.testing.assert_allclose(rec.y.numpy(), ref.detach().numpy(), atol=1e-10)
+    for rec, ref in zip(cache.decoder, dec, strict=True):
+        np.testing.assert_allclose(rec.y.numpy(), ref.detach().numpy(), atol=1e-10)
+    assert cache.encoder_out is cache.encoder[-1].y and cache.decoder_out is cache.decoder[-1].y
+    assert all(a.y is b.x for a, b in zip(cache.encoder[:-1], cache.encoder[1:], strict=True))
+    assert (cache.encoder[0].attn_norm is not None) == pre_norm == (cache.encoder[0].out_norm is None)
     mem_ref = memory.flatten(2).transpose(1, 2).numpy()
-    mem = cache["memory"] if "memory" in cache else cache[f"enc.x.{len(enc)}"]
     valid = ~kpm.numpy()
-    np.testing.assert_allclose(mem.numpy()[valid], mem_ref[valid], atol=1e-10)
-    last = parts.transformer.decoder.norm(cache[f"dec.x.{len(dec)}"])
+    np.testing.assert_allclose(cache.memory.numpy()[valid], mem_ref[valid], atol=1e-10)
+    last = parts.transformer.decoder.norm(cache.decoder_out)
     np.testing.assert_allclose(last.detach().numpy(), hs[-1].detach().numpy(), atol=1e-10)
 
 
@@ -184,14 +189,23 @@ def test_cache_roundtrips_through_numpy_and_reports_size():
     src, pos, mask = token_inputs(32, SIZES, dtype=torch.float32)
     eng = _engine(parts, eps=1e-6, precision="fp32")
     cache = eng.forward_tokens(src, pos, mask)
-    assert cache.nbytes == sum(t.numel() * t.element_size() for t in cache.tensors.values()) > 0
-    back = ForwardCache.from_numpy(cache.to_numpy())
+    named = cache.named_tensors()
+    assert len({id(t) for _, t in named}) == len(named)  # shared tensors (layer outputs/inputs) once
+    assert cache.nbytes == sum(t.numel() * t.element_size() for _, t in named) > 0
+    payload = cache.to_numpy()
+    assert set(payload["arrays"]) == {k for k, _ in named}
+    back = ForwardCache.from_numpy(payload)
+    assert back.nbytes == cache.nbytes and back.meta == cache.meta
+    assert back.encoder[1].x is back.encoder[0].y  # sharing survives the round trip
     a = eng.relevance(cache, "encoder", 1, [3, 4])
     b = eng.relevance(back, "encoder", 1, [3, 4])
     np.testing.assert_array_equal(a.token_maps, b.token_maps)
-    bf = _engine(parts, eps=1e-6, precision="bf16").forward_tokens(src, pos, mask)
+    bf_engine = LrpEngine(parts, EngineConfig(precision="bf16", forward_precision="bf16", device="cpu"))
+    bf = bf_engine.forward_tokens(src, pos, mask)
     bf_back = ForwardCache.from_numpy(bf.to_numpy())
-    assert all(torch.equal(bf.tensors[k], bf_back.tensors[k]) for k in bf.tensors)
+    pairs = list(zip(bf.named_tensors(), bf_back.named_tensors(), strict=True))
+    assert any(t.dtype == torch.bfloat16 for (_, t), _ in pairs)
+    assert all(ka == kb and t.dtype == u.dtype and torch.equal(t, u) for (ka, t), (kb, u) in pairs)
 
 
 def test_feature_chunks_equal_single_propagation():

@@ -53,8 +53,8 @@ def test_yaml_object_tags_are_refused_in_spec_and_config(tiny_images, tiny_confi
     base = ["--images", str(tiny_images), "--out", str(tmp_path / "out")]
     assert main(["--spec", str(spec), "--config", str(tiny_config), *base]) == 2
     err = _one_error_line(capsys)
-    assert re.search(r"--spec .*job\.yaml: refused a YAML tag .*python/object/apply:os\.system.*safe loader",
-                     err), err
+    assert re.search(r"--spec .*job\.yaml: refused a Python object tag "
+                     r".*python/object/apply:os\.system.*safe loader", err), err
     assert main(["--config", str(config), *base]) == 2
     err = _one_error_line(capsys)
     assert re.search(r"--config: .*config\.yaml: refused a Python object tag .*python/object/apply:os\.sys",

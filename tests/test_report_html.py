@@ -117,3 +117,60 @@ def test_report_renders_in_headless_chromium(tmp_path):
 
     im = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert im.std() > 5
+
+
+def _conservation_rows(text: str) -> dict[str, list[str]]:
+    """Cells of the relevance accounting table, by 'module layer'."""
+    section = text.split('id="conservation"', 1)[1].split("</table>", 1)[0]
+    rows = {}
+    for tr in re.findall(r"<tr>(.*?)</tr>", section)[1:]:
+        cells = re.findall(r"<td>(.*?)</td>", tr)
+        rows[f"{cells[0]} {cells[1]}"] = cells[2:]
+    return rows
+
+
+def test_report_conservation_table(tmp_path):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "OUT"
+    write_fake_results(out, n_images=3, features=(0, 3))
+    # one decoder row whose parts do not add up to its total
+    f = out / "relevance" / "module=decoder" / "layer=2" / "part-1.parquet"
+    t = pq.read_table(f)
+    i = t.schema.get_field_index("softmax_relevance")
+    shift = pa.array([0.0] * (t.num_rows - 1) + [-0.25])
+    t = t.set_column(i, "softmax_relevance", pc.add(t.column(i), shift))
+    pq.write_table(t, f)
+    rows = _conservation_rows(build_report(out, top=1).read_text())
+    assert set(rows) == {"encoder 1", "decoder 2"}
+    assert rows["encoder 1"][0] == "6" and float(rows["encoder 1"][2]) < 1e-12
+    assert rows["decoder 2"][0] == "12" and rows["decoder 2"][2] == "0.25"
+    assert float(rows["decoder 2"][3]) == pytest.approx(0.25 / float(rows["decoder 2"][1]), rel=0.01)
+
+
+def test_report_of_version_1_outputs(tmp_path):
+    out = tmp_path / "OUT"
+    write_fake_results(out, n_images=2, features=(0,), version=1)
+    text = build_report(out, top=1).read_text()
+    rows = _conservation_rows(text)
+    assert rows["encoder 1"][0].startswith("2 (2 rows without pos/softmax)") and rows["encoder 1"][3] == "n/a"
+    assert "decoder.2.cross_attn" in text  # profile names of a manifest without version
+    (out / "manifest.json").write_text("{broken")
+    assert "manifest.json unreadable" in build_report(out, top=0).read_text()
+
+
+def test_report_escapes_user_strings(tmp_path):
+    from lrp_ray.results import read_manifest, write_manifest
+
+    out = tmp_path / "OUT"
+    evil = "we<i>rd \"&'.png"
+    write_fake_results(out, n_images=2, features=(0,), layers=(("encoder", 0),), names=[evil, "b.png"])
+    m = read_manifest(out)
+    m.spec = {"description": "<script>alert(1)</script>"}
+    write_manifest(out, m)
+    text = build_report(out, top=2).read_text()
+    assert "<script" not in text and "<i>rd" not in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert "we&lt;i&gt;rd &quot;&amp;&#x27;.png" in text

@@ -42,15 +42,29 @@ def engine_and_batch(tiny_images, tiny_config):
     engine = LrpEngine(model, EngineConfig(device="cpu"))
     names = sorted(TINY_SIZES)[:3]
     batch = preprocess([read_image(tiny_images / n) for n in names], model.cfg)
-    return engine, engine.forward(batch), names, batch.image_sizes
+    return engine, engine.forward(batch), names, batch.image_sizes, model.cfg, batch.input_sizes
 
 
 @pytest.mark.parametrize("module,queries", [("encoder", None), ("decoder", "top2")])
 def test_rows_match_engine_records(engine_and_batch, module, queries):
-    engine, cache, names, sizes = engine_and_batch
+    engine, cache, names, sizes, cfg, input_sizes = engine_and_batch
     res = engine.relevance(cache, module, 1, [0, 7, 31], queries)
     table = result_to_table(res, names, sizes)
     assert table.schema.equals(SCHEMA)
+    # every relevance sink is a column: the accounting can be checked from the rows alone
+    for col, arr in (("relevance_total", res.target_relevance), ("input_relevance", res.input_relevance),
+                     ("bias_relevance", res.bias_relevance), ("pos_relevance", res.pos_relevance),
+                     ("softmax_relevance", res.softmax_relevance)):
+        np.testing.assert_array_equal(table.column(col).to_numpy(), np.asarray(arr, np.float64).reshape(-1))
+    # geometry: unknown without the model config (null), derived from it with one
+    assert table.column("stride").null_count == table.num_rows
+    geo = result_to_table(res, names, sizes, cfg=cfg)
+    assert set(geo.column("stride").to_pylist()) == {32}
+    n = table.num_rows // len(names)
+    hs, ws = geo.column("input_h").to_pylist()[::n], geo.column("input_w").to_pylist()[::n]
+    got = list(zip(hs, ws, strict=True))
+    assert got == [tuple(s) for s in input_sizes]
+    assert geo.drop(["input_h", "input_w", "stride"]).equals(table.drop(["input_h", "input_w", "stride"]))
     recs = res.records(names)
     assert table.num_rows == len(recs) == 3 * 3 * (2 if queries else 1)
     rows = table.to_pylist()
@@ -67,7 +81,7 @@ def test_rows_match_engine_records(engine_and_batch, module, queries):
 
 
 def test_writer_atomic_resume_listing_and_summary(engine_and_batch, tmp_path, monkeypatch):
-    engine, cache, names, sizes = engine_and_batch
+    engine, cache, names, sizes, _, _ = engine_and_batch
     ds = tmp_path / "relevance"
     for layer in (0, 1):
         for ci, feats in enumerate(([0, 1], [2, 3])):

@@ -108,8 +108,8 @@ def ffn_map_build_flops(B: int, T: int, d: int, dff: int, layers: int, active_un
 
 def active_ffn_units(cache: Any, layers: int, module: str = "encoder") -> int:
     """Active (ReLU-open) FFN units of ``module`` layers ``0..layers-1`` summed over all tokens (queries)."""
-    p = "enc" if module == "encoder" else "dec"
-    return sum(int((cache[f"{p}.{i}.u"] > 0).sum()) for i in range(layers))
+    records = cache.encoder if module == "encoder" else cache.decoder
+    return sum(int((records[i].ffn.u > 0).sum()) for i in range(layers))
 
 
 def shapes_of(engine: Any, cache: Any) -> dict[str, int]:

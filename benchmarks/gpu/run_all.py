@@ -309,7 +309,7 @@ def part_propagation(ctx: Ctx) -> tuple[dict, str]:
                 break
             eng = LrpEngine(copy.deepcopy(model), EngineConfig(
                 precision=prec, device=str(ctx.device), ffn_maps=(mode == "ffn_maps"),
-                memory_budget_bytes=1 << 42))
+                chunk_budget_bytes=1 << 42))
             ctx.sync()
             t = time.perf_counter()
             cache = eng.forward(batch)
@@ -426,7 +426,7 @@ def part_baselines(ctx: Ctx) -> tuple[dict, str]:
     n_seed = min(1 if ctx.smoke else a.seed_features, d)
     n_ag = min(a.autograd_features, d)
     dev = str(ctx.device)
-    eng = LrpEngine(model, EngineConfig(epsilon=0.0, device=dev, memory_budget_bytes=1 << 42))
+    eng = LrpEngine(model, EngineConfig(epsilon=0.0, device=dev, chunk_budget_bytes=1 << 42))
     eng_ref = LrpEngine(model, EngineConfig(epsilon=0.0, device=dev))
     chunk = min(a.engine_chunk, d)
     batch1 = preprocess(imgs[:1], model.cfg)   # (outside the device context below: preprocess makes tensors)

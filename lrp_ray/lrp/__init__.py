@@ -1,9 +1,24 @@
 """The LRP engine: forward cache, rules and vectorised relevance propagation (no Ray, no files)."""
 
-from .cache import ForwardCache
-from .engine import MODULES, PRECISIONS, EngineConfig, LrpEngine, resolve_device
+from .cache import (
+    AttentionRecord,
+    DecoderLayerRecord,
+    EncoderLayerRecord,
+    FfnRecord,
+    ForwardCache,
+    NormRecord,
+)
+from .engine import (
+    MODULES,
+    NUMERICS_VERSION,
+    PRECISIONS,
+    EngineConfig,
+    LrpEngine,
+    resolve_device,
+)
 from .result import RelevanceResult
-from .rules import RULE_SETS, RuleSet
+from .rules import RULE_SETS, RULES, OpRules, RuleSet
 
-__all__ = ["ForwardCache", "EngineConfig", "LrpEngine", "RelevanceResult", "RuleSet", "RULE_SETS",
-           "MODULES", "PRECISIONS", "resolve_device"]
+__all__ = ["ForwardCache", "EngineConfig", "LrpEngine", "RelevanceResult", "RuleSet", "RULE_SETS", "RULES",
+           "OpRules", "MODULES", "PRECISIONS", "NUMERICS_VERSION", "resolve_device", "AttentionRecord",
+           "NormRecord", "FfnRecord", "EncoderLayerRecord", "DecoderLayerRecord"]

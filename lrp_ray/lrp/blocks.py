@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .cache import ForwardCache
-from .rules import ffn_back, ffn_gate_scale, gated_products, layernorm_back, rho, stab
+from .rules import RuleSet, ffn_gate_scale, gated_products, rho
 from .weights import TransformerWeights
 
 
@@ -63,23 +63,22 @@ class FfnBlock:
 
 
 def encoder_block(c: ForwardCache, i: int, w: TransformerWeights) -> FfnBlock:
-    lw, p = w.encoder[i], f"enc.{i}."
-    z = c[f"enc.x.{i}"] + c[p + "a"]
-    common = dict(z=z, y=c[f"enc.x.{i + 1}"], f=c[p + "f"], u=c[p + "u"], ffn=lw.ffn)
-    if w.pre_norm:
-        return FfnBlock(**common, ln=c[p + "ln2"], rstd=c[p + "rstd2"], norm=lw.norm2)
-    return FfnBlock(**common, ln=c[p + "ln1"], rstd=c[p + "rstd1"], norm=lw.norm1,
-                    rstd_out=c[p + "rstd2"], norm_out=lw.norm2)
+    """Encoder layer ``i``'s FFN block, from ``z = x + attention`` to the layer output."""
+    rec, lw = c.encoder[i], w.encoder[i]
+    return FfnBlock(z=rec.x + rec.attn.a, y=rec.y, f=rec.ffn.f, u=rec.ffn.u, ffn=lw.ffn, ln=rec.ffn_norm.y,
+                    rstd=rec.ffn_norm.rstd, norm=lw.ffn_norm,
+                    rstd_out=None if rec.out_norm is None else rec.out_norm.rstd, norm_out=lw.out_norm)
 
 
 def decoder_block(c: ForwardCache, j: int, w: TransformerWeights) -> FfnBlock:
-    lw, p = w.decoder[j], f"dec.{j}."
-    common = dict(y=c[f"dec.x.{j + 1}"], f=c[p + "f"], u=c[p + "u"], ffn=lw.ffn)
-    if w.pre_norm:
-        z = c[f"dec.x.{j}"] + c[p + "sa"] + c[p + "ca"]
-        return FfnBlock(z=z, **common, ln=c[p + "ln3"], rstd=c[p + "rstd3"], norm=lw.norm3)
-    return FfnBlock(z=c[p + "ln1"] + c[p + "ca"], **common, ln=c[p + "ln2"], rstd=c[p + "rstd2"],
-                    norm=lw.norm2, rstd_out=c[p + "rstd3"], norm_out=lw.norm3)
+    """Decoder layer ``j``'s FFN block, from the sum node after cross-attention to the layer output."""
+    rec, lw = c.decoder[j], w.decoder[j]
+    # pre-norm: the residual stream x + self-attention + cross-attention; post-norm: cross_attn_norm's
+    # output (the normalised stream) + cross-attention
+    base = rec.x + rec.self_attn.a if rec.pre_norm else rec.cross_attn_norm.y
+    return FfnBlock(z=base + rec.cross_attn.a, y=rec.y, f=rec.ffn.f, u=rec.ffn.u, ffn=lw.ffn,
+                    ln=rec.ffn_norm.y, rstd=rec.ffn_norm.rstd, norm=lw.ffn_norm,
+                    rstd_out=None if rec.out_norm is None else rec.out_norm.rstd, norm_out=lw.out_norm)
 
 
 def block_token_maps(b: FfnBlock, eps: float, sparse: bool | None = None) -> tuple[Tensor, Tensor]:
@@ -150,19 +149,19 @@ def block_token_maps(b: FfnBlock, eps: float, sparse: bool | None = None) -> tup
     return e.view(bsz, t, d, d), cvec.view(bsz, t, d)
 
 
-def block_back(g: Tensor, b: FfnBlock, eps: float) -> tuple[Tensor, Tensor]:
+def block_back(g: Tensor, b: FfnBlock, rules: RuleSet) -> tuple[Tensor, Tensor]:
     """Direct path through a layer's FFN block: g at the layer output -> g at the stabilised sum node
     ``z``, and the relevance the block's biases and LayerNorm shifts absorb ([B, N])."""
     if b.pre_norm:
-        g = stab(g, b.y, eps)
-        gf, b1 = ffn_back(g, b.f, b.u, b.ffn, eps)
-        gn, b2 = layernorm_back(gf, b.ln, b.rstd, b.norm.gamma, b.norm.beta, eps)
-        return stab(g + gn, b.z, eps), b1 + b2
-    g, b1 = layernorm_back(g, b.y, b.rstd_out, b.norm_out.gamma, b.norm_out.beta, eps)
-    g = stab(g, b.ln + b.f, eps)
-    gf, b2 = ffn_back(g, b.f, b.u, b.ffn, eps)
-    g, b3 = layernorm_back(g + gf, b.ln, b.rstd, b.norm.gamma, b.norm.beta, eps)
-    return stab(g, b.z, eps), b1 + b2 + b3
+        g = rules.sum_node(g, b.y)
+        gf, b1 = rules.ffn(g, b.f, b.u, b.ffn)
+        gn, b2 = rules.layer_norm(gf, b.ln, b.rstd, b.norm.gamma, b.norm.beta)
+        return rules.sum_node(g + gn, b.z), b1 + b2
+    g, b1 = rules.layer_norm(g, b.y, b.rstd_out, b.norm_out.gamma, b.norm_out.beta)
+    g = rules.sum_node(g, b.ln + b.f)
+    gf, b2 = rules.ffn(g, b.f, b.u, b.ffn)
+    g, b3 = rules.layer_norm(g + gf, b.ln, b.rstd, b.norm.gamma, b.norm.beta)
+    return rules.sum_node(g, b.z), b1 + b2 + b3
 
 
 def _at(v: Tensor | None, s: slice) -> Tensor | None:
@@ -187,13 +186,13 @@ def _scale_cols(m: Tensor, v: Tensor | None) -> None:
 
 def token_maps_nbytes(c: ForwardCache, w: TransformerWeights) -> int:
     """Bytes of one encoder layer's folded per-token maps for this cache (built in the compute dtype)."""
-    b, t, d = c["enc.x.0"].shape
+    b, t, d = c.tokens.shape
     return b * t * (d * d + d) * w.encoder[0].ffn.w1.element_size()
 
 
 def decoder_maps_nbytes(c: ForwardCache, w: TransformerWeights) -> int:
     """Bytes of one decoder layer's folded per-query maps for this cache (built in the compute dtype)."""
-    b, q, d = c["dec.x.0"].shape
+    b, q, d = c.decoder[0].x.shape
     return b * q * (d * d + d) * w.decoder[0].ffn.w1.element_size()
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import os
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,9 +24,25 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 MODULES = ("encoder", "decoder")
 
 
+NUMERICS_VERSION = 2
+"""Version of the arithmetic behind :meth:`LrpEngine.numerics`; bumped whenever a change in the engine
+(rules, products, blocking of per-token maps, chunking) can change results for the same request."""
+
+DEFAULT_CHUNK_BUDGET_BYTES = 1 << 30
+DEFAULT_MAPS_BUDGET_BYTES = 4 << 30
+
+
 @dataclass
 class EngineConfig:
-    """How relevance is computed. ``precision`` fp64 exists for verification."""
+    """How relevance is computed. ``precision`` fp64 exists for verification.
+
+    Reproducibility: every choice that changes numbers (feature chunking, folded FFN maps or not, the
+    layers that get maps) is a fixed function of the request (cache geometry, module, layer, targets)
+    and of this config's fields, never of the machine (RAM, GPU memory, thread count, actor budgets).
+    Results are bitwise reproducible for the same request on the same device type and library build;
+    CPU and CUDA (and different torch/BLAS builds) differ in the last digits. :meth:`LrpEngine.numerics`
+    lists the constants that decide the numbers.
+    """
 
     rules: str = "cp"
     epsilon: float = 1e-6
@@ -34,15 +50,21 @@ class EngineConfig:
     device: str = "auto"
     compile: bool = False
     memory_budget_bytes: int = 1 << 30
+    """Deprecated and ignored (it used to size feature chunks, which made results depend on the
+    machine); accepted so older callers keep working. Chunks follow ``chunk_budget_bytes``."""
     ffn_maps: bool = True
-    """Fold FFN blocks into per-token maps for calls with >= hidden_dim/4 targets (CPU; /2 on GPUs)."""
+    """Fold FFN blocks into per-token maps for calls with >= hidden_dim/4 targets (on every device)."""
     forward_precision: str = "auto"
     """Precision of the forward pass that fills the cache; ``auto``: fp32 for the half precisions (their
     relevance then stays within ~1-2 % of fp32 where a bf16 forward can be ~10 % off for decoder
     targets; the propagation, nearly all the work, still runs its matrix products in ``precision``)."""
-    maps_budget_bytes: int | None = None
-    """Bytes of per-token maps kept per cache; None: a quarter of the GPU's memory, or on CPU a quarter of
-    the RAM times this process's share of the cores (its torch threads / CPU count)."""
+    maps_budget_bytes: int | None = DEFAULT_MAPS_BUDGET_BYTES
+    """Nominal bytes of per-token maps per cache: which layers get maps (a fixed constant, not derived
+    from the machine's memory; None means the default)."""
+    chunk_budget_bytes: int = DEFAULT_CHUNK_BUDGET_BYTES
+    """Nominal bytes per propagation call that size the feature chunks (:meth:`LrpEngine.
+    max_feature_chunk`); a fixed constant so chunking, and so the float results, depend on the request
+    only. The actual peak memory of a call scales with it."""
 
     def __post_init__(self) -> None:
         RuleSet(self.rules, self.epsilon)
@@ -53,6 +75,12 @@ class EngineConfig:
                              f"got {self.forward_precision!r}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.maps_budget_bytes is None:
+            self.maps_budget_bytes = DEFAULT_MAPS_BUDGET_BYTES
+        if int(self.maps_budget_bytes) < 0:
+            raise ValueError(f"maps_budget_bytes must be >= 0, got {self.maps_budget_bytes}")
+        if int(self.chunk_budget_bytes) < 1:
+            raise ValueError(f"chunk_budget_bytes must be >= 1, got {self.chunk_budget_bytes}")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -64,30 +92,48 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _physical_memory() -> int:
-    """Bytes of RAM (8 GiB where the OS does not say)."""
-    try:
-        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (AttributeError, ValueError, OSError):
-        return 8 << 30
+_PART_MODULES = ("transformer", "input_proj", "query_embed", "class_embed", "bbox_embed")
 
 
-def _as_parts(model_or_parts: Any):
-    if hasattr(model_or_parts, "encoder_inputs") and hasattr(model_or_parts, "transformer") \
-            and hasattr(model_or_parts, "query_embed") and not isinstance(model_or_parts, torch.nn.Module):
-        return model_or_parts
+def _private(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The engine's own copy of ``module``: on ``device``, in eval mode, without gradients."""
+    own = copy.deepcopy(module).to(device).eval()
+    own.requires_grad_(False)
+    return own
+
+
+def _own_parts(model_or_parts: Any, device: torch.device) -> Any:
+    """The DETR parts of a model (or of given parts) as the engine's private copy: the caller's modules
+    keep their device, dtype, ``training`` flag and parameters whatever the engine does."""
     from ..models.locate import from_module  # models know nothing of LRP; the engine reads models
 
-    return from_module(model_or_parts)
+    if isinstance(model_or_parts, torch.nn.Module):
+        return from_module(_private(from_module(model_or_parts).module, device))
+    module = getattr(model_or_parts, "module", None)
+    if isinstance(module, torch.nn.Module):  # DetrParts of a model (e.g. another engine's)
+        return from_module(_private(module, device))
+    if not all(hasattr(model_or_parts, a) for a in ("transformer", "query_embed", "encoder_inputs")):
+        raise TypeError(f"expected a DETR nn.Module or its parts (transformer, query_embed, encoder_inputs, "
+                        f"...), got {type(model_or_parts).__name__}")
+    parts = copy.copy(model_or_parts)  # bare parts (no backbone): copy the modules the engine uses
+    for name in _PART_MODULES:
+        m = getattr(parts, name, None)
+        if isinstance(m, torch.nn.Module):
+            setattr(parts, name, _private(m, device))
+    return parts
 
 
 class LrpEngine:
-    """Relevance for (module, layer, features, queries) targets over cached forward passes."""
+    """Relevance for (module, layer, features, queries) targets over cached forward passes.
+
+    The engine works on its own copy of the model (moved to its device, in eval mode); the model passed
+    in is not modified.
+    """
 
     def __init__(self, model_or_parts: Any, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
-        self.parts = _as_parts(model_or_parts)
         self.device = resolve_device(self.config.device)
+        self.parts = _own_parts(model_or_parts, self.device)
         self.dtype = PRECISIONS[self.config.precision]
         self.rules = RuleSet(self.config.rules, self.config.epsilon)
         base = extract_weights(self.parts.transformer)
@@ -103,24 +149,35 @@ class LrpEngine:
         self._acc = acc
         # g (the relevance carrier) stays in fp32 for half precisions; matmuls run in the compute dtype
         self._gdtype = acc if self.dtype in (torch.bfloat16, torch.float16) else self.dtype
-        module = getattr(self.parts, "module", None)
-        if isinstance(module, torch.nn.Module):
-            module.to(self.device).eval()
-        budget = self.config.maps_budget_bytes
-        if budget is None:
-            if self.device.type == "cuda":
-                budget = torch.cuda.get_device_properties(self.device).total_memory // 4
-            else:  # processes sharing a machine (sweep actors) split it by their threads
-                share = min(1.0, torch.get_num_threads() / max(1, os.cpu_count() or 1))
-                budget = int(_physical_memory() // 4 * share)
-        self.maps_budget = int(budget)
-        # building a layer's maps costs about as much as d/4 direct targets on CPU (open ReLU units
-        # only, about half of them) and d/2 with the dense batched build elsewhere
-        d = self.weights.hidden_dim
-        self.maps_min_targets = max(1, d // 4 if self.device.type == "cpu" else d // 2)
+        # fixed constants (never the machine's memory): the same request computes the same numbers
+        self.maps_budget = int(self.config.maps_budget_bytes)
+        # building a layer's maps costs about as much as d/4 direct targets on CPU (open ReLU units only);
+        # one threshold on every device, so the path a request takes never depends on the machine
+        self.maps_min_targets = max(1, self.weights.hidden_dim // 4)
         self._propagate = propagate
         if self.config.compile:
             self._propagate = torch.compile(propagate, dynamic=True)
+
+    def numerics(self) -> dict[str, Any]:
+        """The JSON-able constants that decide the numbers of :meth:`relevance` (for a result hash).
+
+        Two engines with equal ``numerics()`` compute bitwise-equal results for the same request on the
+        same device type and library build (CPU and CUDA differ in the last digits).
+        """
+        names = {v: k for k, v in PRECISIONS.items()}
+        return {
+            "numerics_version": NUMERICS_VERSION,
+            "rules": self.rules.name,
+            "rule_ops": self.rules.ops.as_dict(),
+            "epsilon": float(self.rules.epsilon),
+            "precision": self.config.precision,
+            "forward_precision": names[self.forward_dtype],
+            "chunk_budget_bytes": int(self.config.chunk_budget_bytes),
+            "maps_budget_bytes": int(self.maps_budget),
+            "maps_min_targets": int(self.maps_min_targets),
+            "ffn_maps": bool(self.config.ffn_maps),
+            "compile": bool(self.config.compile),
+        }
 
     # ----------------------------------------------------------------------------------- forward
     def _autocast(self):
@@ -178,8 +235,8 @@ class LrpEngine:
         if self._norm_acc is not None:
             hs, _ = layer_norm(hs, self._norm_acc)
         pdtype = next(self.parts.class_embed.parameters()).dtype
-        cache.tensors["pred_logits"] = self.parts.class_embed(hs.to(pdtype)).float()
-        cache.tensors["pred_boxes"] = self.parts.bbox_embed(hs.to(pdtype)).sigmoid().float()
+        cache.pred_logits = self.parts.class_embed(hs.to(pdtype)).float()
+        cache.pred_boxes = self.parts.bbox_embed(hs.to(pdtype)).sigmoid().float()
         cache.meta["precision"] = self.config.precision
         cache.meta["forward_precision"] = str(self.forward_dtype).removeprefix("torch.")
         return cache
@@ -212,8 +269,13 @@ class LrpEngine:
 
     def max_feature_chunk(self, cache: ForwardCache, module: str, layer: int = 0, n_queries: int = 1,
                           budget_bytes: int | None = None) -> int:
-        """Largest number of features per propagation that fits ``budget_bytes``."""
-        budget = self.config.memory_budget_bytes if budget_bytes is None else budget_bytes
+        """Largest number of features per propagation whose estimated peak fits ``budget_bytes``
+        (default: the fixed nominal ``config.chunk_budget_bytes``, what :meth:`relevance` uses).
+
+        A function of the request only (cache geometry, module, targets per feature, precision, rules)
+        and of the budget, so a request is chunked, and computes, the same way on every machine.
+        """
+        budget = self.config.chunk_budget_bytes if budget_bytes is None else budget_bytes
         per = self.bytes_per_target(cache, module) * max(1, n_queries)
         return int(max(1, min(self.weights.hidden_dim, budget // per)))
 
@@ -223,9 +285,19 @@ class LrpEngine:
 
         Encoder targets start at the layer output as the activation of channel f on every valid
         token; decoder targets as the activation of channel f of each selected query.
+
+        Features are propagated in chunks of ``chunk`` (default :meth:`max_feature_chunk` under the fixed
+        ``config.chunk_budget_bytes``); chunk sizes change float results in the last digits, so an
+        explicit ``chunk`` is part of the request. Results are bitwise reproducible for the same request
+        (cache, module, layer, features, queries, chunk) and :meth:`numerics` on the same device type and
+        library build, whatever the machine's memory or thread count; CPU and CUDA differ in the last
+        digits. Running out of memory raises (``torch.OutOfMemoryError`` / ``MemoryError``); the engine
+        does not retry with other chunks.
         """
         features = [int(f) for f in features]
         self.validate(module, layer, features)
+        if chunk is not None and int(chunk) < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
         cache = cache.to(self.device)
         if module == "encoder":
             if queries not in (None, "none"):
@@ -234,7 +306,7 @@ class LrpEngine:
         else:
             qsel = select_queries(cache, "all" if queries is None else queries)
         r = qsel.shape[1]
-        step = chunk or self.max_feature_chunk(cache, module, layer, r)
+        step = int(chunk) if chunk else self.max_feature_chunk(cache, module, layer, r)
         # maps for calls with enough targets to pay for building them; the choice depends on this call
         # only, so a resumed or rescheduled sweep computes identically
         use_maps = self.config.ffn_maps and len(features) * r >= self.maps_min_targets
@@ -247,10 +319,10 @@ class LrpEngine:
                          qsel: np.ndarray, use_maps: bool = False) -> RelevanceResult:
         w, acc = self.weights, self._acc
         d = w.hidden_dim
-        valid = ~cache["mask"]
+        valid = ~cache.mask
         r = qsel.shape[1]
         if module == "encoder":
-            y = cache[f"enc.x.{layer + 1}"]
+            y = cache.encoder[layer].y
             g = EncoderStart(tuple(features), valid, d, self._gdtype)
             yf = y[:, :, features].to(acc)                                   # [B,T,K]
             vmask = valid[:, :, None]
@@ -258,7 +330,7 @@ class LrpEngine:
             act_max = yf.masked_fill(~vmask, float("-inf")).max(1).values
             act_mean = act_sum / valid.sum(1, keepdim=True).to(acc)
         else:
-            y = cache[f"dec.x.{layer + 1}"]
+            y = cache.decoder[layer].y
             g = decoder_start(features, qsel, y.shape[1], d, self._gdtype, self.device)
             q_idx = torch.as_tensor(np.tile(qsel, (1, len(features))), device=self.device)   # [B,N]
             f_idx = torch.as_tensor(np.repeat(features, r), device=self.device)
@@ -267,7 +339,7 @@ class LrpEngine:
         ledger = Ledger(acc)
         target = ledger.rel(y, g)
         g = self._propagate(cache, w, self.rules, module, layer, g, ledger, use_maps, self.maps_budget)
-        x0 = cache["enc.x.0"].to(acc)
+        x0 = cache.tokens.to(acc)
         g = g.to(acc)
         token = token_dot(g, x0).transpose(1, 2)                              # [B,N,T]
         channel = (g * (x0 * valid[:, :, None].to(acc)).unsqueeze(2)).sum(1)  # [B,N,d]
@@ -296,4 +368,4 @@ class LrpEngine:
         """Scores, labels, boxes (xyxy, original image coordinates) and query ids per image."""
         from ..models.postprocess import detections
 
-        return detections(cache["pred_logits"], cache["pred_boxes"], cache.meta["image_sizes"])
+        return detections(cache.pred_logits, cache.pred_boxes, cache.meta["image_sizes"])

@@ -10,8 +10,20 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .cache import ForwardCache
+from .cache import (
+    AttentionRecord,
+    DecoderLayerRecord,
+    EncoderLayerRecord,
+    FfnRecord,
+    ForwardCache,
+    NormRecord,
+)
 from .weights import AttnWeights, NormWeights, TransformerWeights
+
+
+def _norm(x: Tensor, nw: NormWeights) -> NormRecord:
+    """LayerNorm as a cache record."""
+    return NormRecord(*layer_norm(x, nw))
 
 
 def layer_norm(x: Tensor, nw: NormWeights) -> tuple[Tensor, Tensor]:
@@ -31,7 +43,7 @@ def linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
 
 
 def attention(q_in: Tensor, k_in: Tensor, v_in: Tensor, w: AttnWeights,
-              key_padding_mask: Tensor | None) -> dict[str, Tensor]:
+              key_padding_mask: Tensor | None) -> AttentionRecord:
     """Multi-head attention as nn.MultiheadAttention computes it; keeps probs, q, k, v, o, out."""
     q = linear(q_in, w.wq, w.bq)
     k = linear(k_in, w.wk, w.bk)
@@ -50,18 +62,13 @@ def attention(q_in: Tensor, k_in: Tensor, v_in: Tensor, w: AttnWeights,
     vh = v.view(b, tk, h, dh).transpose(1, 2)
     o = (p @ vh.to(cdt)).to(q.dtype).transpose(1, 2).reshape(b, tq, d)
     out = linear(o, w.wo, w.bo)
-    return {"p": p, "q": q, "k": k, "v": v, "o": o, "a": out}
+    return AttentionRecord(p=p, q=q, k=k, v=v, o=o, a=out)
 
 
-def _ffn(x: Tensor, ffn) -> tuple[Tensor, Tensor]:
+def _ffn(x: Tensor, ffn) -> FfnRecord:
     u = linear(x, ffn.w1, ffn.b1)
     f = linear(F.relu(u), ffn.w2, ffn.b2)
-    return u.to(ffn.w1.dtype), f  # the wide hidden pre-activation is stored in the compute dtype
-
-
-def _store(t: dict[str, Tensor], prefix: str, att: dict[str, Tensor], tag: str) -> None:
-    for key, value in att.items():
-        t[f"{prefix}{tag}{key}"] = value
+    return FfnRecord(u=u.to(ffn.w1.dtype), f=f)  # the wide hidden pre-activation in the compute dtype
 
 
 @torch.no_grad()
@@ -76,75 +83,65 @@ def run_forward(weights: TransformerWeights, src: Tensor, pos: Tensor, mask: Ten
     x = src.flatten(2).transpose(1, 2).contiguous()
     pos_t = pos.flatten(2).transpose(1, 2).contiguous().to(x.dtype)
     key_mask = mask.flatten(1)
-    t: dict[str, Tensor] = {"pos": pos_t, "mask": key_mask, "qpos": query_embed.to(x.dtype)}
+    qe = query_embed.to(x.dtype)
     pre = weights.pre_norm
-    for i, lw in enumerate(weights.encoder):
-        p = f"enc.{i}."
-        t[f"enc.x.{i}"] = x
+    encoder: list[EncoderLayerRecord] = []
+    for lw in weights.encoder:
         if pre:
-            n1, r1 = layer_norm(x, lw.norm1)
-            att = attention(n1 + pos_t, n1 + pos_t, n1, lw.attn, key_mask)
-            z1 = x + att["a"]
-            n2, r2 = layer_norm(z1, lw.norm2)
-            u, f = _ffn(n2, lw.ffn)
-            y = z1 + f
-            t.update({p + "ln1": n1, p + "rstd1": r1, p + "ln2": n2, p + "rstd2": r2})
+            n1 = _norm(x, lw.attn_norm)
+            att = attention(n1.y + pos_t, n1.y + pos_t, n1.y, lw.attn, key_mask)
+            z1 = x + att.a
+            n2 = _norm(z1, lw.ffn_norm)
+            ffn = _ffn(n2.y, lw.ffn)
+            y = z1 + ffn.f
+            encoder.append(EncoderLayerRecord(x=x, attn=att, ffn_norm=n2, ffn=ffn, y=y, attn_norm=n1))
         else:
             att = attention(x + pos_t, x + pos_t, x, lw.attn, key_mask)
-            h1, r1 = layer_norm(x + att["a"], lw.norm1)
-            u, f = _ffn(h1, lw.ffn)
-            y, r2 = layer_norm(h1 + f, lw.norm2)
-            t.update({p + "ln1": h1, p + "rstd1": r1, p + "rstd2": r2})
-        _store(t, p, att, "")
-        t[p + "u"] = u
-        t[p + "f"] = f
+            h1 = _norm(x + att.a, lw.ffn_norm)
+            ffn = _ffn(h1.y, lw.ffn)
+            out = _norm(h1.y + ffn.f, lw.out_norm)
+            y = out.y
+            encoder.append(EncoderLayerRecord(x=x, attn=att, ffn_norm=h1, ffn=ffn, y=y, out_norm=out))
         x = y
-    n_enc = len(weights.encoder)
-    t[f"enc.x.{n_enc}"] = x
-    memory = x
-    if weights.encoder_norm is not None:
-        memory, r = layer_norm(x, weights.encoder_norm)
-        t["enc.norm.rstd"] = r
-        t["memory"] = memory
+    enc_norm = _norm(x, weights.encoder_norm) if weights.encoder_norm is not None else None
+    memory = enc_norm.y if enc_norm is not None else x
     qn = query_embed.shape[0]
-    qpos = query_embed.to(x.dtype).unsqueeze(0).expand(bsz, qn, d)
+    qpos = qe.unsqueeze(0).expand(bsz, qn, d)
     tgt = torch.zeros(bsz, qn, d, dtype=x.dtype, device=x.device)
     mem_k = memory + pos_t
-    for j, lw in enumerate(weights.decoder):
-        p = f"dec.{j}."
-        t[f"dec.x.{j}"] = tgt
+    decoder: list[DecoderLayerRecord] = []
+    for lw in weights.decoder:
         if pre:
-            n1, r1 = layer_norm(tgt, lw.norm1)
-            sa = attention(n1 + qpos, n1 + qpos, n1, lw.self_attn, None)
-            z1 = tgt + sa["a"]
-            n2, r2 = layer_norm(z1, lw.norm2)
-            ca = attention(n2 + qpos, mem_k, memory, lw.cross_attn, key_mask)
-            z2 = z1 + ca["a"]
-            n3, r3 = layer_norm(z2, lw.norm3)
-            u, f = _ffn(n3, lw.ffn)
-            y = z2 + f
-            t.update({p + "ln1": n1, p + "rstd1": r1, p + "ln2": n2, p + "rstd2": r2,
-                      p + "ln3": n3, p + "rstd3": r3})
+            n1 = _norm(tgt, lw.self_attn_norm)
+            sa = attention(n1.y + qpos, n1.y + qpos, n1.y, lw.self_attn, None)
+            z1 = tgt + sa.a
+            n2 = _norm(z1, lw.cross_attn_norm)
+            ca = attention(n2.y + qpos, mem_k, memory, lw.cross_attn, key_mask)
+            z2 = z1 + ca.a
+            n3 = _norm(z2, lw.ffn_norm)
+            ffn = _ffn(n3.y, lw.ffn)
+            y = z2 + ffn.f
+            decoder.append(DecoderLayerRecord(x=tgt, self_attn=sa, cross_attn_norm=n2, cross_attn=ca,
+                                              ffn_norm=n3, ffn=ffn, y=y, self_attn_norm=n1))
         else:
             sa = attention(tgt + qpos, tgt + qpos, tgt, lw.self_attn, None)
-            h1, r1 = layer_norm(tgt + sa["a"], lw.norm1)
-            ca = attention(h1 + qpos, mem_k, memory, lw.cross_attn, key_mask)
-            h2, r2 = layer_norm(h1 + ca["a"], lw.norm2)
-            u, f = _ffn(h2, lw.ffn)
-            y, r3 = layer_norm(h2 + f, lw.norm3)
-            t.update({p + "ln1": h1, p + "rstd1": r1, p + "ln2": h2, p + "rstd2": r2, p + "rstd3": r3})
-        _store(t, p, sa, "s")
-        _store(t, p, ca, "c")
-        t[p + "u"] = u
-        t[p + "f"] = f
+            h1 = _norm(tgt + sa.a, lw.cross_attn_norm)
+            ca = attention(h1.y + qpos, mem_k, memory, lw.cross_attn, key_mask)
+            h2 = _norm(h1.y + ca.a, lw.ffn_norm)
+            ffn = _ffn(h2.y, lw.ffn)
+            out = _norm(h2.y + ffn.f, lw.out_norm)
+            y = out.y
+            decoder.append(DecoderLayerRecord(x=tgt, self_attn=sa, cross_attn_norm=h1, cross_attn=ca,
+                                              ffn_norm=h2, ffn=ffn, y=y, out_norm=out))
         tgt = y
-    t[f"dec.x.{len(weights.decoder)}"] = tgt
     valid = ~mask
     valid_hw = [[int(valid[b].any(1).sum()), int(valid[b].any(0).sum())] for b in range(bsz)]
     meta = {
-        "grid": [int(gh), int(gw)], "valid_hw": valid_hw, "enc_layers": n_enc,
-        "dec_layers": len(weights.decoder), "nheads": weights.nheads, "pre_norm": pre,
+        "grid": [int(gh), int(gw)], "valid_hw": valid_hw, "enc_layers": len(encoder),
+        "dec_layers": len(decoder), "nheads": weights.nheads, "pre_norm": pre,
         "num_queries": int(qn), "hidden_dim": int(d), "dim_ff": weights.dim_ff,
         "dtype": str(x.dtype).replace("torch.", ""),
     }
-    return ForwardCache(t, meta), tgt
+    cache = ForwardCache(encoder=encoder, decoder=decoder, pos=pos_t, mask=key_mask, qpos=qe,
+                         encoder_norm=enc_norm, meta=meta)
+    return cache, tgt

@@ -23,7 +23,7 @@ from .blocks import (
     token_maps_nbytes,
 )
 from .cache import ForwardCache
-from .rules import RuleSet, attention_back, layernorm_back, mm, stab, token_dot
+from .rules import RuleSet, attention_back, mm, token_dot
 from .targets import EncoderStart
 from .weights import TransformerWeights
 
@@ -50,32 +50,28 @@ class Ledger:
         self.profile.append(value)
 
 
-def _attn(c: ForwardCache, prefix: str) -> dict[str, Tensor]:
-    return {k: c[prefix + k] for k in ("p", "q", "k", "v", "o", "a")}
-
-
-def _split_sum(g: Tensor, base: Tensor, other: Tensor, eps: float, ledger: Ledger) -> Tensor:
-    """Sum node ``z = base + other`` where ``other`` (a positional embedding) absorbs its share."""
-    gs = stab(g, base + other, eps)
-    ledger.pos = ledger.pos + ledger.rel(other, gs)
+def _pos_sum(g: Tensor, base: Tensor, pos: Tensor, rules: RuleSet, ledger: Ledger) -> Tensor:
+    """Sum node ``z = base + pos`` feeding a projection: ``pos`` (a positional embedding) absorbs its
+    share (booked in the ledger); returns the g both operands get."""
+    gs = rules.positional_sum(g, base, pos)
+    ledger.pos = ledger.pos + ledger.rel(pos, gs)
     return gs
 
 
 def _ffn_block_back(g: Tensor | EncoderStart, c: ForwardCache, key: tuple, block: Callable[[], FfnBlock],
-                    folded: bool, ledger: Ledger) -> Tensor:
+                    folded: bool, rules: RuleSet, ledger: Ledger) -> Tensor:
     """g at a layer's output -> g at the stabilised sum node before its FFN block: through the block's
     folded per-token maps (built once per cache and layer, kept as derived data under ``key``) or
     directly. The relevance its biases absorb goes to the ledger."""
-    eps = key[-1]
     if folded:
         if key not in c.derived:
-            c.derived[key] = block_token_maps(block(), eps)
+            c.derived[key] = block_token_maps(block(), rules.epsilon)
         e, cvec = c.derived[key]
         ledger.bias = ledger.bias + ledger.rel(cvec, g)
         return g.rows(e) if isinstance(g, EncoderStart) else mm(g, e)
     if isinstance(g, EncoderStart):
         g = g.dense()
-    g, bias = block_back(g, block(), eps)
+    g, bias = block_back(g, block(), rules)
     ledger.bias = ledger.bias + bias
     return g
 
@@ -83,24 +79,22 @@ def _ffn_block_back(g: Tensor | EncoderStart, c: ForwardCache, key: tuple, block
 def _encoder_attention_back(g: Tensor, i: int, c: ForwardCache, w: TransformerWeights, rules: RuleSet,
                             ledger: Ledger) -> Tensor:
     """From g just before the attention sum node of encoder layer ``i`` (stabilised) to its input."""
-    eps = rules.epsilon
-    lw = w.encoder[i]
-    p = f"enc.{i}."
-    x, pos = c[f"enc.x.{i}"], c["pos"]
-    ag = attention_back(g, _attn(c, p), lw.attn, rules)
+    rec, lw = c.encoder[i], w.encoder[i]
+    ag = attention_back(g, rec.attn, lw.attn, rules)
     ledger.bias = ledger.bias + ag.bias
     ledger.softmax = ledger.softmax + ag.softmax_leak
-    if w.pre_norm:
-        n1 = c[p + "ln1"]
+    if rec.attn_norm is not None:  # pre-norm: the attention reads attn_norm(x)
+        n1 = rec.attn_norm
         gn1 = ag.value_in
         if ag.query_in is not None:
-            gn1 = gn1 + _split_sum(ag.query_in + ag.key_in, n1, pos, eps, ledger)
-        gx1, b = layernorm_back(gn1, n1, c[p + "rstd1"], lw.norm1.gamma, lw.norm1.beta, eps)
+            gn1 = gn1 + _pos_sum(ag.query_in + ag.key_in, n1.y, c.pos, rules, ledger)
+        nw = lw.attn_norm
+        gx1, b = rules.layer_norm(gn1, n1.y, n1.rstd, nw.gamma, nw.beta)
         ledger.bias = ledger.bias + b
         return g + gx1
     gx = g + ag.value_in
     if ag.query_in is not None:
-        gx = gx + _split_sum(ag.query_in + ag.key_in, x, pos, eps, ledger)
+        gx = gx + _pos_sum(ag.query_in + ag.key_in, rec.x, c.pos, rules, ledger)
     return gx
 
 
@@ -115,13 +109,13 @@ def encoder_layer_back(g: Tensor | EncoderStart, i: int, c: ForwardCache, w: Tra
     # lowest layers that fit the budget, after every decoder layer's (small) per-query maps
     need = (i + 1) * token_maps_nbytes(c, w) + len(w.decoder) * decoder_maps_nbytes(c, w)
     g = _ffn_block_back(g, c, ("enc", i, rules.epsilon), lambda: encoder_block(c, i, w),
-                        use_maps and need <= maps_budget, ledger)
+                        use_maps and need <= maps_budget, rules, ledger)
     return _encoder_attention_back(g, i, c, w, rules, ledger)
 
 
-def memory_of(c: ForwardCache, w: TransformerWeights) -> Tensor:
+def memory_of(c: ForwardCache, w: TransformerWeights | None = None) -> Tensor:
     """The encoder memory the decoder attends to."""
-    return c["memory"] if w.encoder_norm is not None else c[f"enc.x.{len(w.encoder)}"]
+    return c.memory
 
 
 def decoder_layer_back(g: Tensor, g_mem: Tensor, j: int, c: ForwardCache, w: TransformerWeights,
@@ -131,52 +125,50 @@ def decoder_layer_back(g: Tensor, g_mem: Tensor, j: int, c: ForwardCache, w: Tra
 
     With ``use_maps`` the FFN block goes through folded per-query maps (:func:`_ffn_block_back`).
     """
-    eps = rules.epsilon
-    lw = w.decoder[j]
-    p = f"dec.{j}."
-    t = c[f"dec.x.{j}"]
-    sa = c[p + "sa"]
-    mem, pos = memory_of(c, w), c["pos"]
-    qpos = c["qpos"].unsqueeze(0).expand_as(t)
-    g = _ffn_block_back(g, c, ("dec", j, eps), lambda: decoder_block(c, j, w),
-                        use_maps and (j + 1) * decoder_maps_nbytes(c, w) <= maps_budget, ledger)
+    rec, lw = c.decoder[j], w.decoder[j]
+    t = rec.x
+    mem, pos = c.memory, c.pos
+    qpos = c.qpos.unsqueeze(0).expand_as(t)
+    g = _ffn_block_back(g, c, ("dec", j, rules.epsilon), lambda: decoder_block(c, j, w),
+                        use_maps and (j + 1) * decoder_maps_nbytes(c, w) <= maps_budget, rules, ledger)
     bias = 0.0
-    if w.pre_norm:
-        n1, n2 = c[p + "ln1"], c[p + "ln2"]
-        ag = attention_back(g, _attn(c, p + "c"), lw.cross_attn, rules)
+    cn, cnw = rec.cross_attn_norm, lw.cross_attn_norm
+    if rec.self_attn_norm is not None:  # pre-norm
+        n1, n1w = rec.self_attn_norm, lw.self_attn_norm
+        ag = attention_back(g, rec.cross_attn, lw.cross_attn, rules)
         g_mem = g_mem + ag.value_in
         if ag.query_in is not None:
-            g_mem = g_mem + _split_sum(ag.key_in, mem, pos, eps, ledger)
-            gn2 = _split_sum(ag.query_in, n2, qpos, eps, ledger)
-            gz1, b = layernorm_back(gn2, n2, c[p + "rstd2"], lw.norm2.gamma, lw.norm2.beta, eps)
+            g_mem = g_mem + _pos_sum(ag.key_in, mem, pos, rules, ledger)
+            gn2 = _pos_sum(ag.query_in, cn.y, qpos, rules, ledger)
+            gz1, b = rules.layer_norm(gn2, cn.y, cn.rstd, cnw.gamma, cnw.beta)
             g = g + gz1
             bias = bias + b
         bias = bias + ag.bias
         ledger.softmax = ledger.softmax + ag.softmax_leak
-        g = stab(g, t + sa, eps)
-        ag = attention_back(g, _attn(c, p + "s"), lw.self_attn, rules)
+        g = rules.sum_node(g, t + rec.self_attn.a)
+        ag = attention_back(g, rec.self_attn, lw.self_attn, rules)
         gn1 = ag.value_in
         if ag.query_in is not None:
-            gn1 = gn1 + _split_sum(ag.query_in + ag.key_in, n1, qpos, eps, ledger)
-        gt, b = layernorm_back(gn1, n1, c[p + "rstd1"], lw.norm1.gamma, lw.norm1.beta, eps)
+            gn1 = gn1 + _pos_sum(ag.query_in + ag.key_in, n1.y, qpos, rules, ledger)
+        gt, b = rules.layer_norm(gn1, n1.y, n1.rstd, n1w.gamma, n1w.beta)
         ledger.bias = ledger.bias + bias + b + ag.bias
         ledger.softmax = ledger.softmax + ag.softmax_leak
         return g + gt, g_mem
-    h1 = c[p + "ln1"]
-    ag = attention_back(g, _attn(c, p + "c"), lw.cross_attn, rules)
+    h1 = cn.y  # post-norm: cross_attn_norm's output is the residual stream and the cross-attention query
+    ag = attention_back(g, rec.cross_attn, lw.cross_attn, rules)
     g_mem = g_mem + ag.value_in
     if ag.query_in is not None:
-        g_mem = g_mem + _split_sum(ag.key_in, mem, pos, eps, ledger)
-        g = g + _split_sum(ag.query_in, h1, qpos, eps, ledger)
+        g_mem = g_mem + _pos_sum(ag.key_in, mem, pos, rules, ledger)
+        g = g + _pos_sum(ag.query_in, h1, qpos, rules, ledger)
     bias = bias + ag.bias
     ledger.softmax = ledger.softmax + ag.softmax_leak
-    g, b = layernorm_back(g, h1, c[p + "rstd1"], lw.norm1.gamma, lw.norm1.beta, eps)
+    g, b = rules.layer_norm(g, h1, cn.rstd, cnw.gamma, cnw.beta)
     bias = bias + b
-    g = stab(g, t + sa, eps)
-    ag = attention_back(g, _attn(c, p + "s"), lw.self_attn, rules)
+    g = rules.sum_node(g, t + rec.self_attn.a)
+    ag = attention_back(g, rec.self_attn, lw.self_attn, rules)
     gt = g + ag.value_in
     if ag.query_in is not None:
-        gt = gt + _split_sum(ag.query_in + ag.key_in, t, qpos, eps, ledger)
+        gt = gt + _pos_sum(ag.query_in + ag.key_in, t, qpos, rules, ledger)
     ledger.bias = ledger.bias + bias + ag.bias
     ledger.softmax = ledger.softmax + ag.softmax_leak
     return gt, g_mem
@@ -190,27 +182,28 @@ def propagate(c: ForwardCache, w: TransformerWeights, rules: RuleSet, module: st
     ``use_maps``: route the layers' FFN blocks through per-token maps (building them costs about as much
     as ``hidden_dim / 4`` direct targets); decoder layer j uses them when ``j + 1`` decoder layers' maps
     fit ``maps_budget`` bytes, encoder layer i when ``i + 1`` encoder layers' and all decoder layers'
-    maps fit.
+    maps fit. Only rule sets whose FFN-block rules the maps implement use them.
     """
+    use_maps = use_maps and rules.ops.ffn_foldable
     if module == "decoder":
-        mem = memory_of(c, w)
+        mem = c.memory
         b, t, n, d = g.shape[0], mem.shape[1], g.shape[2], g.shape[3]
         g_mem = torch.zeros(b, t, n, d, dtype=g.dtype, device=g.device)
         for j in range(layer, -1, -1):
             g, g_mem = decoder_layer_back(g, g_mem, j, c, w, rules, ledger, use_maps, maps_budget)
-            ledger.record(f"decoder.{j}.in", ledger.rel(c[f"dec.x.{j}"], g) + ledger.rel(mem, g_mem))
+            ledger.record(f"decoder.{j}.in", ledger.rel(c.decoder[j].x, g) + ledger.rel(mem, g_mem))
         g = g_mem
         top = len(w.encoder) - 1
-        if w.encoder_norm is not None:
-            nw = w.encoder_norm
-            g, bias = layernorm_back(g, mem, c["enc.norm.rstd"], nw.gamma, nw.beta, rules.epsilon)
+        if c.encoder_norm is not None:
+            nw, en = w.encoder_norm, c.encoder_norm
+            g, bias = rules.layer_norm(g, en.y, en.rstd, nw.gamma, nw.beta)
             ledger.bias = ledger.bias + bias
-            ledger.record("encoder.norm.in", ledger.rel(c[f"enc.x.{top + 1}"], g))
+            ledger.record("encoder.norm.in", ledger.rel(c.encoder_out, g))
     else:
         top = layer
     for i in range(top, -1, -1):
         g = encoder_layer_back(g, i, c, w, rules, ledger, use_maps, maps_budget)
-        ledger.record(f"encoder.{i}.in", ledger.rel(c[f"enc.x.{i}"], g))
+        ledger.record(f"encoder.{i}.in", ledger.rel(c.encoder[i].x, g))
     return g
 
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from ..results import result_frame, result_to_table
 
 
 @dataclass
@@ -47,37 +50,20 @@ class RelevanceResult:
         h, w = self.valid_hw[image]
         return self.token_maps[image, target, :h, :w]
 
-    def records(self, image_ids: Sequence[str] | None = None) -> list[dict]:
-        """One dict per image x target (the columns of the sweep's Parquet rows)."""
-        ids = list(image_ids) if image_ids is not None else [str(i) for i in range(self.n_images)]
-        if len(ids) != self.n_images:
-            raise ValueError(f"{len(ids)} image ids for {self.n_images} images")
-        rows = []
-        for b in range(self.n_images):
-            h, w = (int(v) for v in self.valid_hw[b])
-            for n in range(self.n_targets):
-                q = int(self.queries[b, n])
-                rows.append({
-                    "image": ids[b], "module": self.module, "layer": self.layer,
-                    "feature": int(self.features[n]), "query": None if q < 0 else q,
-                    "act_sum": float(self.act_sum[b, n]), "act_max": float(self.act_max[b, n]),
-                    "act_mean": float(self.act_mean[b, n]),
-                    "relevance_total": float(self.target_relevance[b, n]),
-                    "input_relevance": float(self.input_relevance[b, n]),
-                    "bias_relevance": float(self.bias_relevance[b, n]),
-                    "token_map": self.token_maps[b, n, :h, :w].astype(np.float32).ravel(),
-                    "grid_h": h, "grid_w": w,
-                    "channel_relevance": self.channel_relevance[b, n].astype(np.float32),
-                    "profile": self.profile[b, n].astype(np.float64),
-                    "rules": self.rules, "epsilon": float(self.epsilon), "precision": self.precision,
-                })
-        return rows
+    def records(self, image_ids: Sequence[str] | None = None,
+                image_sizes: Sequence[Sequence[int]] | None = None, **geometry: Any) -> list[dict]:
+        """One dict per image x target: a sweep row (``module``, ``layer`` and the columns of
+        :data:`lrp_ray.results.SCHEMA`) with Python values, None for null."""
+        ids = [str(i) for i in range(self.n_images)] if image_ids is None else list(image_ids)
+        rows = result_to_table(self, ids, image_sizes, **geometry).to_pylist()
+        return [{"module": self.module, "layer": int(self.layer), **r} for r in rows]
 
-    def to_frame(self, image_ids: Sequence[str] | None = None) -> pd.DataFrame:
-        """A DataFrame with one row per image x target."""
-        df = pd.DataFrame.from_records(self.records(image_ids))
-        df["query"] = df["query"].astype("Int64")
-        return df
+    def to_frame(self, image_ids: Sequence[str] | None = None,
+                 image_sizes: Sequence[Sequence[int]] | None = None, **geometry: Any) -> pd.DataFrame:
+        """A DataFrame with one row per image x target, with the columns and dtypes of
+        :func:`lrp_ray.results.load`. ``image_sizes``: original (h, w) per image; ``geometry``:
+        ``stride``, ``input_sizes`` or ``cfg`` (see :func:`lrp_ray.results.result_to_table`)."""
+        return result_frame(self, image_ids, image_sizes, **geometry)
 
     @staticmethod
     def concat(parts: list[RelevanceResult]) -> RelevanceResult:

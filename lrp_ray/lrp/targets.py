@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -10,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..queries import top_k
 from .cache import ForwardCache
 
 QuerySpec = str | Sequence[int] | None
@@ -17,7 +17,7 @@ QuerySpec = str | Sequence[int] | None
 
 def query_scores(cache: ForwardCache) -> Tensor:
     """Detection score per query: max class probability excluding the no-object class, [B, Q]."""
-    probs = cache["pred_logits"].float().softmax(-1)[..., :-1]
+    probs = cache.pred_logits.float().softmax(-1)[..., :-1]
     return probs.max(-1).values
 
 
@@ -28,10 +28,9 @@ def select_queries(cache: ForwardCache, queries: QuerySpec) -> np.ndarray:
     if queries is None or (isinstance(queries, str) and queries == "all"):
         return np.tile(np.arange(nq), (b, 1))
     if isinstance(queries, str):
-        m = re.fullmatch(r"top(\d+)", queries.strip().lower())
-        if not m:
+        k = top_k(queries)
+        if k is None:
             raise ValueError(f"queries must be 'all', 'topK' (e.g. 'top5') or a list of ids, got {queries!r}")
-        k = int(m.group(1))
         if not 1 <= k <= nq:
             raise ValueError(f"top-k queries: k must be in 1..{nq}, got {k}")
         return query_scores(cache).topk(k, dim=-1).indices.cpu().numpy()

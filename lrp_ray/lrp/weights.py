@@ -38,20 +38,63 @@ class FfnWeights:
 
 @dataclass
 class EncoderLayerWeights:
+    """An encoder layer's parameters; ``norm1``/``norm2`` as the module names them, the role properties
+    (``attn_norm``, ``ffn_norm``, ``out_norm``) by what each LayerNorm feeds."""
+
     attn: AttnWeights
     norm1: NormWeights
     norm2: NormWeights
     ffn: FfnWeights
+    pre_norm: bool = False
+
+    @property
+    def attn_norm(self) -> NormWeights | None:
+        """The LayerNorm feeding the attention (pre-norm only)."""
+        return self.norm1 if self.pre_norm else None
+
+    @property
+    def ffn_norm(self) -> NormWeights:
+        """The LayerNorm of ``x + attention`` that feeds the FFN."""
+        return self.norm2 if self.pre_norm else self.norm1
+
+    @property
+    def out_norm(self) -> NormWeights | None:
+        """The LayerNorm producing the layer output (post-norm only)."""
+        return None if self.pre_norm else self.norm2
 
 
 @dataclass
 class DecoderLayerWeights:
+    """A decoder layer's parameters; ``norm1..3`` as the module names them, the role properties
+    (``self_attn_norm``, ``cross_attn_norm``, ``ffn_norm``, ``out_norm``) by what each LayerNorm feeds."""
+
     self_attn: AttnWeights
     cross_attn: AttnWeights
     norm1: NormWeights
     norm2: NormWeights
     norm3: NormWeights
     ffn: FfnWeights
+    pre_norm: bool = False
+
+    @property
+    def self_attn_norm(self) -> NormWeights | None:
+        """The LayerNorm feeding the self-attention (pre-norm only)."""
+        return self.norm1 if self.pre_norm else None
+
+    @property
+    def cross_attn_norm(self) -> NormWeights:
+        """The LayerNorm whose output queries the memory."""
+        return self.norm2 if self.pre_norm else self.norm1
+
+    @property
+    def ffn_norm(self) -> NormWeights:
+        """The LayerNorm that feeds the FFN."""
+        return self.norm3 if self.pre_norm else self.norm2
+
+    @property
+    def out_norm(self) -> NormWeights | None:
+        """The LayerNorm producing the layer output (post-norm only)."""
+        return None if self.pre_norm else self.norm3
 
 
 @dataclass
@@ -115,15 +158,16 @@ def extract_weights(transformer: nn.Module) -> TransformerWeights:
         act = getattr(layer, "activation", None)
         if act is not None and callable(act) and getattr(act, "__name__", "relu") not in ("relu",):
             raise NotImplementedError(f"only ReLU feed-forward activations are supported, got {act}")
-    encoder = [EncoderLayerWeights(_attn(ly.self_attn), _norm(ly.norm1), _norm(ly.norm2), _ffn(ly))
-               for ly in enc_layers]
-    decoder = [DecoderLayerWeights(_attn(ly.self_attn), _attn(ly.multihead_attn), _norm(ly.norm1),
-                                   _norm(ly.norm2), _norm(ly.norm3), _ffn(ly)) for ly in dec_layers]
-    enc_norm = getattr(transformer.encoder, "norm", None)
-    dec_norm = getattr(transformer.decoder, "norm", None)
     pre = {_pre_norm(ly) for ly in enc_layers + dec_layers}
     if len(pre) > 1:
         raise NotImplementedError("mixed pre-norm and post-norm layers are not supported")
+    pre_norm = bool(next(iter(pre), False))
+    encoder = [EncoderLayerWeights(_attn(ly.self_attn), _norm(ly.norm1), _norm(ly.norm2), _ffn(ly), pre_norm)
+               for ly in enc_layers]
+    decoder = [DecoderLayerWeights(_attn(ly.self_attn), _attn(ly.multihead_attn), _norm(ly.norm1),
+                                   _norm(ly.norm2), _norm(ly.norm3), _ffn(ly), pre_norm) for ly in dec_layers]
+    enc_norm = getattr(transformer.encoder, "norm", None)
+    dec_norm = getattr(transformer.decoder, "norm", None)
     first = encoder[0] if encoder else None
     if first is None:
         raise TypeError("the transformer has no encoder layers")
@@ -131,7 +175,7 @@ def extract_weights(transformer: nn.Module) -> TransformerWeights:
         encoder=encoder, decoder=decoder,
         encoder_norm=_norm(enc_norm) if enc_norm is not None else None,
         decoder_norm=_norm(dec_norm) if dec_norm is not None else None,
-        pre_norm=pre.pop(), hidden_dim=int(first.attn.wq.shape[1]), nheads=first.attn.nheads,
+        pre_norm=pre_norm, hidden_dim=int(first.attn.wq.shape[1]), nheads=first.attn.nheads,
         dim_ff=int(first.ffn.w1.shape[0]),
     )
 

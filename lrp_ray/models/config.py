@@ -23,6 +23,8 @@ from pydantic import (
     model_validator,
 )
 
+from ..safe_yaml import load_mapping
+
 __all__ = ["ConfigError", "DetrConfig", "load_config", "FIELD_KEYS", "KEY_FIELDS"]
 
 
@@ -219,19 +221,7 @@ def _load_tree(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     resolved = path.resolve()
     if resolved in chain:
         raise ConfigError("circular _BASE_ chain: " + " -> ".join(str(p) for p in (*chain, resolved)))
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.constructor.ConstructorError as exc:
-        tag = f" ({exc.problem})" if exc.problem else ""
-        raise ConfigError(
-            f"{path}: refused a Python object tag{tag}; configs are read with yaml.safe_load and may "
-            "hold only plain YAML values") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    data = load_mapping(path, str(path), ConfigError)
     base = data.pop("_BASE_", None)
     if base is None:
         return data

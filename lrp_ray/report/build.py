@@ -3,14 +3,17 @@
 Everything is inline: CSS in a ``<style>`` block, every picture a base64 PNG ``data:`` URI; the page loads
 no script, font or stylesheet from anywhere. Sections:
 
-- run metadata (``manifest.json``) and the per-(module, layer) totals of ``summary.csv``;
+- run metadata (``manifest.json``), the per-(module, layer) totals of ``summary.csv`` and the
+  relevance accounting check per module/layer (``relevance_total`` against input + bias + pos + softmax);
 - per (module, layer): the feature x input-channel relevance matrix (mean ``channel_relevance`` over the
   layer's rows) and the conservation profile (mean ``profile`` over the rows, as a fraction of the
   target relevance, one point per propagation stage, named by the manifest);
 - per feature: its top images by activation and by relevance with heatmap overlays.
 
-Only scalar columns of the whole dataset are read; token maps are read for the chosen rows only and the
-per-layer vectors are averaged file by file, so a large sweep costs memory for its scalars only.
+Everything is read through :mod:`lrp_ray.results`. Only scalar columns of the whole dataset are read;
+token maps are read for the chosen rows only and the per-layer vectors are averaged file by file, so a
+large sweep costs memory for its scalars only. Every text from the results (image names, manifest values)
+is HTML-escaped.
 """
 
 from __future__ import annotations
@@ -33,13 +36,13 @@ matplotlib.use("Agg")  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from lrp_ray.results import Manifest, ManifestError, conservation, iter_parts, part_files, read_manifest
 from lrp_ray.viz.heatmaps import (
     CMAP,
     TopRow,
-    _partition_keys,
     _read_rgb,
     render_overlay,
-    select_top_rows,  # noqa: E402
+    select_top_rows,
 )
 
 __all__ = ["build_report", "ReportError"]
@@ -52,15 +55,12 @@ class ReportError(RuntimeError):
 
 
 # -------------------------------------------------------------------------------------------- reading
-def _read_manifest(out: Path) -> dict[str, Any]:
-    p = out / "manifest.json"
-    if not p.is_file():
-        return {}
+def _read_manifest(out: Path) -> tuple[Manifest | None, str | None]:
+    """The manifest, or None and why it could not be read (None, None when there is none)."""
     try:
-        data = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        return {"_error": f"manifest.json unreadable: {exc}"}
-    return data if isinstance(data, dict) else {"manifest": data}
+        return read_manifest(out, strict=True), None
+    except ManifestError as exc:
+        return None, f"manifest.json unreadable: {exc}"
 
 
 def _read_csv(p: Path, limit: int = 10_000) -> tuple[list[str], list[list[str]], int]:
@@ -71,23 +71,6 @@ def _read_csv(p: Path, limit: int = 10_000) -> tuple[list[str], list[list[str]],
     if not rows:
         return [], [], 0
     return rows[0], rows[1:limit + 1], len(rows) - 1
-
-
-def _find_key(obj: Any, key: str) -> Any:
-    """First value of ``key`` anywhere in a nested dict/list structure."""
-    if isinstance(obj, dict):
-        if key in obj:
-            return obj[key]
-        for v in obj.values():
-            r = _find_key(v, key)
-            if r is not None:
-                return r
-    elif isinstance(obj, list):
-        for v in obj:
-            r = _find_key(v, key)
-            if r is not None:
-                return r
-    return None
 
 
 @dataclass
@@ -109,71 +92,56 @@ class LayerStats:
     feature_n: dict[int, int] = field(default_factory=dict)
 
 
-def _scan(rel_dir: Path) -> dict[tuple[str, int], LayerStats]:
-    """One pass over the dataset, file by file: per-layer means of the vector columns."""
-    import pyarrow.parquet as pq
+def _numbers(t: Any, name: str) -> np.ndarray:
+    return np.asarray(t.column(name).to_numpy(zero_copy_only=False), dtype=np.float64)
 
+
+def _vectors(t: Any, name: str) -> np.ndarray | None:
+    """A list column as a [rows, width] matrix (None if its lists differ in length)."""
+    n = t.num_rows
+    flat = np.asarray(t.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False), np.float64)
+    width = len(flat) // n
+    return flat.reshape(n, width) if width and width * n == len(flat) else None
+
+
+def _scan(out: Path) -> dict[tuple[str, int], LayerStats]:
+    """One pass over the dataset, part file by part file: per-layer means of the vector columns."""
     stats: dict[tuple[str, int], LayerStats] = {}
-    files = sorted(p for p in rel_dir.rglob("*.parquet") if not p.name.startswith((".", "_")))
-    for f in files:
-        keys = _partition_keys(str(f.relative_to(rel_dir)))
-        names = pq.read_schema(f).names
-        cols = [c for c in ("image", "feature", "act_sum", "relevance_total", "input_relevance",
-                            "channel_relevance", "profile", "module", "layer") if c in names]
-        t = pq.read_table(f, columns=cols)
+    cols = ["image", "feature", "act_sum", "relevance_total", "input_relevance", "channel_relevance",
+            "profile"]
+    for module, layer, _, t in iter_parts(out, cols):
         n = t.num_rows
         if n == 0:
             continue
-        module = str(t.column("module")[0].as_py()) if "module" in names else keys.get("module", "?")
-        layer = int(t.column("layer")[0].as_py()) if "layer" in names else int(keys.get("layer", -1))
         st = stats.setdefault((module, layer), LayerStats(module, layer))
         st.rows += n
-        st.images.update(t.column("image").to_pylist() if "image" in cols else [])
-        feats = np.asarray(t.column("feature").to_pylist(), dtype=np.int64)
-        act = np.asarray(t.column("act_sum").to_pylist(), dtype=np.float64) if "act_sum" in cols else None
-        tgt = np.asarray(t.column("relevance_total").to_pylist(), dtype=np.float64) \
-            if "relevance_total" in cols else None
-        inp = np.asarray(t.column("input_relevance").to_pylist(), dtype=np.float64) \
-            if "input_relevance" in cols else None
-        if tgt is not None:
-            st.target_sum += float(np.nansum(tgt))
-        if inp is not None:
-            st.input_sum += float(np.nansum(inp))
+        st.images.update(t.column("image").to_pylist())
+        feats = np.asarray(t.column("feature").to_numpy(zero_copy_only=False), dtype=np.int64)
+        act, tgt = _numbers(t, "act_sum"), _numbers(t, "relevance_total")
+        st.target_sum += float(np.nansum(tgt))
+        st.input_sum += float(np.nansum(_numbers(t, "input_relevance")))
+        chan = _vectors(t, "channel_relevance")
         for fe in np.unique(feats):
-            sel = feats == fe
-            st.feature_n[int(fe)] = st.feature_n.get(int(fe), 0) + int(sel.sum())
-            if act is not None:
-                st.feature_act[int(fe)] = st.feature_act.get(int(fe), 0.0) + float(np.nansum(act[sel]))
-            if tgt is not None:
-                rel = float(np.nansum(np.abs(tgt[sel])))
-                st.feature_rel[int(fe)] = st.feature_rel.get(int(fe), 0.0) + rel
-        if "channel_relevance" in cols:
-            ch = t.column("channel_relevance").combine_chunks()
-            flat = np.asarray(ch.flatten().to_numpy(zero_copy_only=False), dtype=np.float64)
-            d = len(flat) // n if n else 0
-            if d and d * n == len(flat):
-                mat = flat.reshape(n, d)
-                for fe in np.unique(feats):
-                    sel = feats == fe
-                    s = np.nansum(mat[sel], axis=0)
-                    st.channel_sum[int(fe)] = st.channel_sum.get(int(fe), 0) + s
-                    st.channel_n[int(fe)] = st.channel_n.get(int(fe), 0) + int(sel.sum())
-        if "profile" in cols:
-            pr = t.column("profile").combine_chunks()
-            flat = np.asarray(pr.flatten().to_numpy(zero_copy_only=False), dtype=np.float64)
-            p = len(flat) // n if n else 0
-            if p and p * n == len(flat):
-                mat = flat.reshape(n, p)
-                if st.profile_sum is None or st.profile_sum.shape[0] != p:
-                    st.profile_sum = np.zeros(p)
-                    st.profile_frac_sum = np.zeros(p)
-                    st.profile_n = 0
-                st.profile_sum += np.nansum(mat, axis=0)
-                if tgt is not None:
-                    denom = np.where(np.abs(tgt) > 1e-12, tgt, np.nan)[:, None]
-                    frac = mat / denom
-                    st.profile_frac_sum += np.nansum(np.where(np.isfinite(frac), frac, 0.0), axis=0)
-                st.profile_n += n
+            sel, f = feats == fe, int(fe)
+            st.feature_n[f] = st.feature_n.get(f, 0) + int(sel.sum())
+            st.feature_act[f] = st.feature_act.get(f, 0.0) + float(np.nansum(act[sel]))
+            st.feature_rel[f] = st.feature_rel.get(f, 0.0) + float(np.nansum(np.abs(tgt[sel])))
+            if chan is not None:
+                st.channel_sum[f] = st.channel_sum.get(f, 0) + np.nansum(chan[sel], axis=0)
+                st.channel_n[f] = st.channel_n.get(f, 0) + int(sel.sum())
+        mat = _vectors(t, "profile")
+        if mat is not None:
+            p = mat.shape[1]
+            if st.profile_sum is None or st.profile_sum.shape[0] != p:
+                st.profile_sum = np.zeros(p)
+                st.profile_frac_sum = np.zeros(p)
+                st.profile_n = 0
+            st.profile_sum += np.nansum(mat, axis=0)
+            denom = np.where(np.abs(tgt) > 1e-12, tgt, np.nan)[:, None]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                frac = mat / denom
+            st.profile_frac_sum += np.nansum(np.where(np.isfinite(frac), frac, 0.0), axis=0)
+            st.profile_n += n
     return stats
 
 
@@ -319,14 +287,14 @@ def build_report(out_dir: str | Path, html_path: str | Path | None = None, top: 
     if not rel_dir.is_dir():
         raise ReportError(f"no relevance dataset in {out} (expected {rel_dir}/)")
     html_path = Path(html_path) if html_path is not None else out / "report.html"
-    manifest = _read_manifest(out)
+    manifest, manifest_error = _read_manifest(out)
     root = Path(images_root) if images_root is not None else _images_root(manifest, out)
-    profile_names = _find_key(manifest, "profile_names")
-    stats = _scan(rel_dir)
+    stats = _scan(out)
     if not stats:
-        raise ReportError(f"the relevance dataset in {rel_dir} has no rows")
+        raise ReportError(f"the relevance dataset in {rel_dir} has no rows "
+                          f"({len(part_files(out))} part files)")
     chosen = {k: _pick_features(st, max_features) for k, st in stats.items()}
-    top_rows = select_top_rows(rel_dir, top) if top > 0 else []
+    top_rows = select_top_rows(out, top) if top > 0 else []
     by_feature: dict[tuple[str, int, int], list[TopRow]] = {}
     for r in top_rows:
         if r.feature in chosen.get((r.module, r.layer), ()):
@@ -338,19 +306,20 @@ def build_report(out_dir: str | Path, html_path: str | Path | None = None, top: 
     parts.append(f'<p class="muted">Generated {_esc(_dt.datetime.now().isoformat(timespec="seconds"))} from '
                  f"{_esc(out.resolve())}. Red = positive relevance, blue = negative, white = 0.</p>")
     order = sorted(stats, key=_layer_key)
-    nav = " ".join(f'<a href="#{_anchor(m, lay)}">{_esc(m)} L{lay}</a>' for (m, lay) in order)
+    nav = " ".join(f'<a href="#{_esc(_anchor(m, lay))}">{_esc(m)} L{lay}</a>' for (m, lay) in order)
     parts.append(f"<nav>{nav}</nav>")
 
     # Run metadata.
     parts.append("<h2 id=\"run\">Run</h2>")
-    if manifest:
-        flat = [(k, v) for k, v in manifest.items() if not isinstance(v, (dict, list)) or len(json.dumps(
-            v, default=str)) <= 300]
+    if manifest is not None:
+        data = manifest.model_dump(mode="json")
+        flat = [(k, v) for k, v in data.items() if v is not None and (not isinstance(v, (dict, list)) or len(
+            json.dumps(v, default=str)) <= 300)]
         parts.append(_kv_table(flat))
         parts.append("<details><summary>manifest.json</summary><pre>"
-                     + _esc(json.dumps(_truncated(manifest), indent=2, default=str)) + "</pre></details>")
+                     + _esc(json.dumps(_truncated(data), indent=2, default=str)) + "</pre></details>")
     else:
-        parts.append('<p class="muted">no manifest.json</p>')
+        parts.append(f'<p class="muted">{_esc(manifest_error or "no manifest.json")}</p>')
     header, rows, total = _read_csv(out / "summary.csv", limit=200)
     if header:
         parts.append(f"<details><summary><b>summary.csv</b> ({total} rows)</summary>"
@@ -363,23 +332,22 @@ def build_report(out_dir: str | Path, html_path: str | Path | None = None, top: 
                    f"target relevance {st.target_sum:.4g}, input relevance {st.input_sum:.4g}")
                   for (m, lay), st in sorted(stats.items(), key=lambda kv: _layer_key(kv[0]))]
     parts.append("<h3>Layers</h3>" + _kv_table(layer_rows))
+    parts.append(_conservation_table(out))
 
     image_cache: dict[str, np.ndarray | None] = {}
-    input_size, stride = _input_geometry(manifest)
+    input_size, stride = manifest.input_geometry() if manifest is not None else (None, None)
     n_missing = 0
     for key in order:
         st = stats[key]
         module, layer = key
-        parts.append(f'<h2 id="{_anchor(module, layer)}">{_esc(module)} layer {layer}</h2>')
+        parts.append(f'<h2 id="{_esc(_anchor(module, layer))}">{_esc(module)} layer {layer}</h2>')
         feats_all = sorted(st.channel_sum)
         if feats_all:
             parts.append("<h3>Feature x input-channel relevance</h3>")
             parts.append(f'<img alt="{_esc(module)} layer {layer} relevance matrix" src="'
                          f'{_png_uri(_matrix_figure(st, feats_all))}">')
         if st.profile_sum is not None:
-            names = profile_names
-            if isinstance(profile_names, dict):
-                names = profile_names.get(f"{module}/{layer}") or profile_names.get(module)
+            names = manifest.profile_names_for(module, layer) if manifest is not None else None
             parts.append("<h3>Conservation profile</h3>")
             parts.append(f'<img alt="{_esc(module)} layer {layer} conservation profile" src="'
                          f'{_png_uri(_profile_figure(st, names))}">')
@@ -392,7 +360,7 @@ def build_report(out_dir: str | Path, html_path: str | Path | None = None, top: 
             if not rows_f:
                 continue
             mean_act = st.feature_act.get(fe, 0.0) / max(st.feature_n.get(fe, 1), 1)
-            parts.append(f'<h4 id="{_anchor(module, layer, fe)}">feature {fe} '
+            parts.append(f'<h4 id="{_esc(_anchor(module, layer, fe))}">feature {fe} '
                          f'<span class="muted">mean activation {mean_act:.4g}</span></h4><div class="grid">')
             # One overlay per distinct (image, query): the top-N by activation and by relevance overlap.
             groups: dict[tuple[str, int | None], list[TopRow]] = {}
@@ -408,14 +376,15 @@ def build_report(out_dir: str | Path, html_path: str | Path | None = None, top: 
                 if img is None:
                     n_missing += 1
                     img = np.full((r.image_hw[0], r.image_hw[1], 3), 200, dtype=np.uint8)
-                input_hw = None
-                if input_size is not None and img.shape[:2] == r.image_hw:
+                input_hw, step = r.input_hw, r.stride
+                if (input_hw is None or step is None) and input_size is not None \
+                        and img.shape[:2] == r.image_hw:
                     from lrp_ray.models.preprocess import resize_shape
 
-                    input_hw = resize_shape(r.image_hw[0], r.image_hw[1], *input_size)
+                    input_hw, step = resize_shape(r.image_hw[0], r.image_hw[1], *input_size), stride
                 q = "" if r.query is None else f" query {r.query}"
                 png = render_overlay(img, r.token_map, f"{module} L{layer} F{fe}{q}", width_px=thumb_px,
-                                     input_hw=input_hw, stride=stride, palette=True)
+                                     input_hw=input_hw, stride=step, palette=True)
                 parts.append(f'<figure><img alt="{_esc(r.image)}" src="{_bytes_uri(png)}">'
                              f"<figcaption><b>{_esc(r.image)}</b>{_esc(q)}: {_esc(tags)}</figcaption>"
                              "</figure>")
@@ -435,17 +404,6 @@ def build_report(out_dir: str | Path, html_path: str | Path | None = None, top: 
     return html_path
 
 
-def _input_geometry(manifest: dict[str, Any]) -> tuple[tuple[int, int] | None, int | None]:
-    """(min_size_test, max_size_test) and the backbone stride, if the manifest records the model config."""
-    mn = _find_key(manifest, "min_size_test") or _find_key(manifest, "MIN_SIZE_TEST")
-    mx = _find_key(manifest, "max_size_test") or _find_key(manifest, "MAX_SIZE_TEST")
-    dil = _find_key(manifest, "res5_dilation") or _find_key(manifest, "RES5_DILATION") or 1
-    try:
-        return (int(mn), int(mx)), (16 if int(dil) == 2 else 32)
-    except (TypeError, ValueError):
-        return None, None
-
-
 def _truncated(obj: Any, max_items: int = 40) -> Any:
     """A copy of a JSON structure with long lists cut (for display)."""
     if isinstance(obj, dict):
@@ -456,9 +414,36 @@ def _truncated(obj: Any, max_items: int = 40) -> Any:
     return obj
 
 
-def _images_root(manifest: dict[str, Any], out: Path) -> Path:
-    for key in ("images_root", "images", "image_root", "input"):
-        v = _find_key(manifest, key)
-        if isinstance(v, str) and Path(v).is_dir():
-            return Path(v)
+def _images_root(manifest: Manifest | None, out: Path) -> Path:
+    if manifest is not None and manifest.images_root and Path(manifest.images_root).is_dir():
+        return Path(manifest.images_root)
     return out
+
+
+def _fmt(v: Any) -> str:
+    """A number for a table cell: 3 significant digits, ``n/a`` for NaN."""
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    v = float(v)
+    return "n/a" if math.isnan(v) else f"{v:.3g}"
+
+
+def _conservation_table(out: Path) -> str:
+    """The relevance accounting check per module/layer (:func:`lrp_ray.results.conservation`)."""
+    df = conservation(out)
+    if df.empty:
+        return ""
+    df = df.sort_values(["module", "layer"], key=lambda s: s.map({"encoder": 0, "decoder": 1})
+                        if s.name == "module" else s, kind="stable")
+    head = ("<tr><th>module</th><th>layer</th><th>rows</th><th>max |relevance_total|</th>"
+            "<th>max |total - (input + bias + pos + softmax)|</th><th>relative</th></tr>")
+    body = []
+    for r in df.itertuples(index=False):
+        note = f" ({r.rows_unchecked} rows without pos/softmax)" if r.rows_unchecked else ""
+        body.append(f"<tr><td>{_esc(r.module)}</td><td>{int(r.layer)}</td><td>{int(r.rows)}{_esc(note)}</td>"
+                    f"<td>{_fmt(r.max_abs_total)}</td><td>{_fmt(r.max_abs_error)}</td>"
+                    f"<td>{_fmt(r.rel_error)}</td></tr>")
+    return ('<h3 id="conservation">Relevance accounting</h3><p class="muted">relevance at the target = '
+            "input + bias + positional + softmax-leak relevance: exact (up to rounding) for epsilon 0, "
+            "the epsilon rule absorbs a little otherwise. Relative = max error / max |relevance_total|.</p>"
+            f'<div class="scroll"><table>{head}{"".join(body)}</table></div>')

@@ -10,9 +10,10 @@ __all__ = ["BadRequest", "SweepSpec", "run_sweep", "prepare", "execute", "main"]
 
 def __getattr__(name: str):
     if name in ("run_sweep", "prepare", "execute"):
-        from . import driver
+        from . import execution as _execute
+        from . import preparation as _prepare
 
-        return getattr(driver, name)
+        return getattr(_prepare if name == "prepare" else _execute, name)
     if name == "main":
         from .cli import main
 

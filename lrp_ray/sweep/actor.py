@@ -17,17 +17,18 @@ from collections import OrderedDict
 from typing import Any
 
 import ray
+import torch
 
-__all__ = ["LrpWorker", "engine_chunk_budget", "cache_footprint", "enforce_cache_budget"]
+from .errors import ItemOutOfMemory
+
+OUT_OF_MEMORY = (torch.OutOfMemoryError, MemoryError)
+"""Out-of-memory errors, recognised by type (never by message text)."""
+
+__all__ = ["LrpWorker", "cache_footprint", "enforce_cache_budget"]
 
 
 def _rss_peak_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def engine_chunk_budget(cache_budget_bytes: int) -> int:
-    """Bytes the engine may use for one vectorised relevance call (the actor gets 2x the cache budget)."""
-    return max(64 << 20, min(4 << 30, cache_budget_bytes // 2))
 
 
 def cache_footprint(cache: Any) -> int:
@@ -70,10 +71,8 @@ def enforce_cache_budget(caches: OrderedDict, budget: int, stats: dict) -> int:
 class LrpWorker:
     """One per GPU (or per ``cpus_per_actor`` CPUs). Methods run one at a time, except :meth:`ping`."""
 
-    def __init__(self, cfg: Any, state_box: list, engine_opts: dict, threads: int, cache_budget_bytes: int,
-                 feature_chunk: int | None) -> None:
-        import torch
-
+    def __init__(self, cfg: Any, state_box: list, engine_opts: dict, threads: int,
+                 cache_budget_bytes: int) -> None:
         from lrp_ray.lrp import EngineConfig, LrpEngine
         from lrp_ray.models import build_model, from_module
 
@@ -94,10 +93,10 @@ class LrpWorker:
         del sd
         model = model.to(device).eval()
         self.cfg = cfg
-        self.engine = LrpEngine(from_module(model), EngineConfig(**{
-            **engine_opts, "device": device, "memory_budget_bytes": engine_chunk_budget(cache_budget_bytes)}))
+        # the engine's chunking and folding are fixed by the request (never by this actor's budget), so any
+        # actor on any machine computes the same numbers for a work item
+        self.engine = LrpEngine(from_module(model), EngineConfig(**{**engine_opts, "device": device}))
         self.cache_budget = int(cache_budget_bytes)
-        self.feature_chunk = feature_chunk
         self.caches: OrderedDict[str, tuple[Any, dict]] = OrderedDict()
         self.stats = {"forwards": 0, "imports": 0, "exports": 0, "items": 0, "evictions": 0,
                       "derived_drops": 0, "max_caches": 0, "max_cache_bytes": 0, "max_derived_bytes": 0,
@@ -116,8 +115,6 @@ class LrpWorker:
 
     def _device_peak(self) -> int:
         if self.device.startswith("cuda"):
-            import torch
-
             return int(torch.cuda.max_memory_allocated())
         return 0
 
@@ -188,29 +185,18 @@ class LrpWorker:
         t_cache = time.perf_counter() - t0
         features = list(item["features"])
         queries = item["queries"] if item["module"] == "decoder" else None
-        chunk = min(self.feature_chunk or len(features), len(features))
-        try:
-            fit = self.engine.max_feature_chunk(cache, item["module"], item["layer"],
-                                                n_queries=item["targets_per_feature"],
-                                                budget_bytes=engine_chunk_budget(self.cache_budget))
-            chunk = max(1, min(chunk, int(fit)))
-        except Exception:
-            pass
         t1 = time.perf_counter()
-        while True:
-            try:
-                res = self.engine.relevance(cache, item["module"], item["layer"], features, queries,
-                                            chunk=chunk)
-                break
-            except Exception as exc:  # out of memory: halve the chunk and try again
-                if chunk > 1 and "out of memory" in str(exc).lower():
-                    chunk = max(1, chunk // 2)
-                    self._empty_device_cache()
-                    continue
-                raise
+        try:
+            res = self.engine.relevance(cache, item["module"], item["layer"], features, queries)
+        except OUT_OF_MEMORY as exc:  # free what this actor holds besides this batch; the driver retries
+            for key in [k for k in self.caches if k != item["batch_key"]]:
+                self.caches.pop(key)
+            cache.drop_derived()
+            self._empty_device_cache()
+            raise ItemOutOfMemory(f"out of memory on {self.device} ({type(exc).__name__})") from None
         t2 = time.perf_counter()
         self._t["relevance"] = t2 - t1
-        table = result_to_table(res, image_names, meta["image_sizes"])
+        table = result_to_table(res, image_names, meta["image_sizes"], cfg=self.cfg)
         self._t["table"] = time.perf_counter() - t2
         # the engine may have built derived data (per-token maps) for this cache: account for it now
         footprint = cache_footprint(cache)
@@ -218,7 +204,7 @@ class LrpWorker:
         self.stats["items"] += 1
         for k, v in self._t.items():
             self.stats[f"{k}_seconds"] += v
-        return {"uid": item["uid"], "table": table, "source": source, "chunk": chunk,
+        return {"uid": item["uid"], "table": table, "source": source,
                 "cache_nbytes": int(cache.nbytes), "footprint": footprint,
                 "profile_names": list(res.profile_names), "timings": dict(self._t),
                 "seconds": time.perf_counter() - t0, "cache_seconds": t_cache, "pid": self.pid,
@@ -226,6 +212,4 @@ class LrpWorker:
 
     def _empty_device_cache(self) -> None:
         if self.device.startswith("cuda"):
-            import torch
-
             torch.cuda.empty_cache()

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
+from .errors import EXIT_INTERRUPTED
 from .spec import BadRequest, SweepSpec, load_spec, merge_flags
 
 __all__ = ["main", "build_parser"]
@@ -18,8 +22,10 @@ demo model and sample images, features 0-3 of every encoder and decoder layer, i
 
 Results (OUT): relevance/ (Parquet, partitioned by module and layer; pandas.read_parquet(OUT/"relevance")),
 summary.csv, errors.csv (images that could not be used, with the reason), manifest.json.
-Re-running the same request into the same OUT resumes it; a different request into a non-empty OUT is
-refused unless --overwrite. Byte-identical images under different names are all processed (manifest.json
+Re-running the same request into the same OUT resumes it, with any "running" settings (actors, device,
+cache budget, ...: they never change a number); a different request into a non-empty OUT is refused
+unless --overwrite, naming what differs. Batch size and image order are part of the request (DETR pads a
+batch to its largest image). Byte-identical images under different names are all processed (manifest.json
 lists them under duplicate_images). An HTML report of OUT: python -m lrp_ray.report OUT
 
 Ray: --address local starts a private Ray instance bound to 127.0.0.1; inside `ray job submit` the job's
@@ -123,22 +129,45 @@ def parse_request(argv: Sequence[str] | None = None, prog: str = "lrp-ray") -> t
     return merge_flags(data, flags), args
 
 
+def _terminate_as_interrupt() -> Any:
+    """SIGTERM (timeouts, Slurm, docker stop) stops a sweep like Ctrl-C; returns the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, on_term)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     prog = "python -m lrp_ray.sweep" if sys.argv and sys.argv[0].endswith("__main__.py") else "lrp-ray"
+    previous = _terminate_as_interrupt()
+    try:
+        return _main(argv, prog)
+    except KeyboardInterrupt:  # before or after the sweep's own handling (Ray start-up, model load)
+        print(f"{prog}: interrupted; finished work items are kept: run the same command again to resume",
+              file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Sequence[str] | None, prog: str) -> int:
     try:
         try:
             spec, args = parse_request(argv, prog)
         except SystemExit as exc:  # --help (0) or a flag argparse refused (2)
             return int(exc.code or 0)
-        from .driver import prepare
+        from .preparation import prepare
 
         prep = prepare(spec)
     except BadRequest as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
         return 2
-    import os
-
-    from .driver import bind_local_to_loopback, execute
+    from .cluster import bind_local_to_loopback
+    from .execution import execute
 
     if spec.address == "local" or (spec.address is None and not os.environ.get("RAY_ADDRESS")):
         bind_local_to_loopback()

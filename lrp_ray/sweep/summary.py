@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
+import pyarrow as pa
 
-from .writer import atomic_write_text
+from lrp_ray.results import atomic_write_text, partitions, read_parts
 
 __all__ = ["write_summary", "write_errors", "summarize_partition", "SUMMARY_COLUMNS"]
 
@@ -72,15 +73,13 @@ _CHUNK_BYTES = 64 << 20
 small part files, e.g. one image per batch, cost one pass instead of one pass each)."""
 
 
-def _chunks(files: list[Path], limit: int | None = None):
+def _chunks(files: list[Path], limit: int | None = None) -> Iterator[pa.Table]:
     """Tables of consecutive part files (``_COLS`` only), each about ``limit`` bytes at most."""
-    import pyarrow as pa
-
     limit = _CHUNK_BYTES if limit is None else limit
-    pending: list = []
+    pending: list[pa.Table] = []
     size = 0
     for f in sorted(files):
-        table = pq.read_table(f, columns=_COLS)
+        table = read_parts([f], _COLS)
         if table.num_rows == 0:
             continue
         pending.append(table)
@@ -145,15 +144,7 @@ def summarize_partition(files: list[Path], module: str, layer: int) -> pd.DataFr
 
 def write_summary(out: Path) -> pd.DataFrame:
     """Write ``out/summary.csv`` from ``out/relevance``; returns the summary frame."""
-    dataset = out / "relevance"
-    frames = []
-    for mdir in sorted(dataset.glob("module=*")):
-        module = mdir.name.split("=", 1)[1]
-        ldirs = sorted(mdir.glob("layer=*"), key=lambda p: int(p.name.split("=", 1)[1]))
-        for ldir in ldirs:
-            files = sorted(ldir.glob("part-*.parquet"))
-            if files:
-                frames.append(summarize_partition(files, module, int(ldir.name.split("=", 1)[1])))
+    frames = [summarize_partition(files, module, layer) for (module, layer), files in partitions(out).items()]
     frames = [f for f in frames if len(f)]
     summary = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=SUMMARY_COLUMNS)
     order = {"encoder": 0, "decoder": 1}

@@ -16,6 +16,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -162,8 +163,8 @@ def overlay_png(image_rgb: np.ndarray, token_map, path: str | Path, title: str =
 
 
 # ------------------------------------------------------------------------------------- results folder
-_SCALAR_COLUMNS = ("image", "image_h", "image_w", "feature", "query", "act_sum", "act_max",
-                   "relevance_total", "input_relevance", "grid_h", "grid_w")
+_SCALAR_COLUMNS = ("module", "layer", "image", "image_h", "image_w", "input_h", "input_w", "grid_h", "grid_w",
+                   "stride", "feature", "query", "act_sum", "relevance_total")
 RANKINGS = {"act": "act_sum", "rel": "relevance_total"}
 
 
@@ -180,8 +181,10 @@ class TopRow:
     image_hw: tuple[int, int]
     grid_hw: tuple[int, int]
     token_map: np.ndarray | None = None
-    fragment: int = -1
-    row: int = -1
+    fragment: int = -1  # index of its part file in ``lrp_ray.results.part_files``
+    row: int = -1       # unused (rows are found by key)
+    input_hw: tuple[int, int] | None = None
+    stride: int | None = None
 
 
 def heatmap_name(module: str, layer: int, feature: int, kind: str, rank: int) -> str:
@@ -192,14 +195,25 @@ def _safe(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", s)
 
 
-def _partition_keys(rel_path: str) -> dict[str, str]:
-    """Hive partition values (``module=encoder/layer=5/...``) of a dataset file path."""
-    keys: dict[str, str] = {}
-    for part in Path(rel_path).parts[:-1]:
-        if "=" in part:
-            k, v = part.split("=", 1)
-            keys.setdefault(k, v)
-    return keys
+def _opt_int(v: object) -> int | None:
+    """An int, or None for null/NaN."""
+    import pandas as pd
+
+    return None if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)) else int(v)
+
+
+def _pair(a: object, b: object) -> tuple[int, int] | None:
+    x, y = _opt_int(a), _opt_int(b)
+    return None if x is None or y is None else (x, y)
+
+
+def _image_hw(r: Any) -> tuple[int, int]:
+    """A row's original image size (rows without one: the area its token grid covers)."""
+    hw = _pair(r.image_h, r.image_w)
+    if hw is None:
+        step = _opt_int(r.stride) or 32
+        hw = (int(r.grid_h) * step, int(r.grid_w) * step)
+    return hw
 
 
 def select_top_rows(relevance_dir: str | Path, top_n: int = 3, *, modules: Sequence[str] | None = None,
@@ -207,39 +221,27 @@ def select_top_rows(relevance_dir: str | Path, top_n: int = 3, *, modules: Seque
                     max_features: int | None = None) -> list[TopRow]:
     """Top-``top_n`` rows (distinct images) per (module, layer, feature) and ranking of a relevance dataset.
 
-    Reads only the scalar columns of every row, then the ``token_map`` of the chosen rows only, so a sweep
-    of any size costs memory for its scalars, not its maps. ``rankings`` maps a kind to the column it
-    ranks by (default ``{"act": "act_sum", "rel": "relevance_total"}``); rows are ordered by descending
-    score. ``max_features`` keeps only the first features (ascending id) of each (module, layer).
+    ``relevance_dir``: a results folder or its ``relevance`` folder (read through :mod:`lrp_ray.results`).
+    Reads only the scalar columns of every row, then the ``token_map`` of the chosen rows' part files
+    only, so a sweep of any size costs memory for its scalars, not its maps. ``rankings`` maps a kind to
+    the column it ranks by (default ``{"act": "act_sum", "rel": "relevance_total"}``); rows are ordered
+    by descending score. ``max_features`` keeps only the first features (ascending id) of each
+    (module, layer).
     """
-    import pandas as pd
-    import pyarrow.parquet as pq
+    import pyarrow.compute as pc
+
+    from lrp_ray.results import dataset, part_files, table_to_frame
 
     rankings = dict(rankings or RANKINGS)
-    root = Path(relevance_dir)
-    files = sorted(p for p in root.rglob("*.parquet") if not p.name.startswith((".", "_")))
-    frames = []
-    for fi, f in enumerate(files):
-        keys = _partition_keys(str(f.relative_to(root)))
-        schema = pq.read_schema(f)
-        cols = [c for c in _SCALAR_COLUMNS if c in schema.names]
-        cols += [c for c in ("module", "layer") if c in schema.names and c not in cols]
-        t = pq.read_table(f, columns=cols)
-        df = t.to_pandas()
-        if "module" not in df:
-            df["module"] = keys.get("module", "?")
-        if "layer" not in df:
-            df["layer"] = int(keys.get("layer", -1))
-        df["frag_id"] = fi
-        df["row_id"] = np.arange(len(df))
-        frames.append(df)
-    if not frames:
+    files = part_files(relevance_dir)
+    if not files:
         return []
-    df = pd.concat(frames, ignore_index=True)
-    df["module"] = df["module"].astype(str)
-    df["layer"] = df["layer"].astype(int)
-    if modules:
-        df = df[df["module"].isin(list(modules))]
+    flt = pc.field("module").isin(list(modules)) if modules else None
+    cols = list(dict.fromkeys([*_SCALAR_COLUMNS, *rankings.values()]))
+    table = dataset(relevance_dir, files).to_table(columns=[*cols, "__filename"], filter=flt)
+    df = table_to_frame(table)
+    index = {str(f): i for i, f in enumerate(files)}
+    df["frag_id"] = df["__filename"].map(index)
     out: list[TopRow] = []
     for (module, layer), g in df.groupby(["module", "layer"], sort=True):
         feats = sorted(g["feature"].unique())
@@ -247,49 +249,39 @@ def select_top_rows(relevance_dir: str | Path, top_n: int = 3, *, modules: Seque
             feats = feats[:max_features]
             g = g[g["feature"].isin(feats)]
         for kind, col in rankings.items():
-            if col not in g:
-                continue
             s = g[np.isfinite(g[col].astype(float))].sort_values([col, "image"], ascending=[False, True],
                                                                   kind="stable")
             s = s.drop_duplicates(["feature", "image"], keep="first")
             s = s.groupby("feature", sort=True).head(top_n)
             for feature, gf in s.groupby("feature", sort=True):
                 for rank, r in enumerate(gf.itertuples(index=False), start=1):
-                    q = getattr(r, "query", None)
-                    missing = q is None or q is pd.NA or (isinstance(q, float) and math.isnan(q))
-                    q = None if missing else int(q)
                     out.append(TopRow(module=str(module), layer=int(layer), feature=int(feature), kind=kind,
-                                      rank=rank, score=float(getattr(r, col)), image=str(r.image), query=q,
-                                      image_hw=(int(r.image_h), int(r.image_w)),
+                                      rank=rank, score=float(getattr(r, col)), image=str(r.image),
+                                      query=_opt_int(r.query), image_hw=_image_hw(r),
                                       grid_hw=(int(r.grid_h), int(r.grid_w)), fragment=int(r.frag_id),
-                                      row=int(r.row_id)))
+                                      input_hw=_pair(r.input_h, r.input_w), stride=_opt_int(r.stride)))
     if load_maps:
         _load_maps(files, out)
     return out
 
 
 def _load_maps(files: Sequence[Path], rows: list[TopRow]) -> None:
-    import pyarrow.parquet as pq
+    """Fill ``token_map`` of ``rows``: per part file, only the rows of the chosen images and features."""
+    import pyarrow.compute as pc
+
+    from lrp_ray.results import read_parts, table_to_frame
 
     by_frag: dict[int, list[TopRow]] = {}
     for r in rows:
         by_frag.setdefault(r.fragment, []).append(r)
     for fi, rs in by_frag.items():
-        pf = pq.ParquetFile(files[fi])
-        wanted = sorted({r.row for r in rs})
-        # Read row groups that hold wanted rows only.
-        starts = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
-        maps: dict[int, np.ndarray] = {}
-        for gi in range(pf.num_row_groups):
-            lo, hi = starts[gi], starts[gi + 1]
-            inside = [w for w in wanted if lo <= w < hi]
-            if not inside:
-                continue
-            col = pf.read_row_group(gi, columns=["token_map"]).column("token_map")
-            for w in inside:
-                maps[w] = np.asarray(col[int(w - lo)].as_py(), dtype=np.float32)
+        flt = (pc.field("image").isin(sorted({r.image for r in rs}))
+               & pc.field("feature").isin(sorted({r.feature for r in rs})))
+        df = table_to_frame(read_parts([files[fi]], ["image", "feature", "query", "token_map"], flt))
+        maps = {(im, int(f), _opt_int(q)): m for im, f, q, m in
+                zip(df["image"], df["feature"], df["query"], df["token_map"], strict=True)}
         for r in rs:
-            r.token_map = maps[r.row].reshape(r.grid_hw)
+            r.token_map = np.asarray(maps[(r.image, r.feature, r.query)], dtype=np.float32).reshape(r.grid_hw)
 
 
 def _read_rgb(path: Path) -> np.ndarray | None:
@@ -323,29 +315,40 @@ def group_title(rows: Sequence[TopRow]) -> str:
     return f"{r.module} layer {r.layer} feature {r.feature}{q} | {tags}\n{r.image}"
 
 
-def write_top_heatmaps(out_dir: str | Path, images_root: str | Path, top_n: int = 3, *,
+def write_top_heatmaps(out_dir: str | Path, images_root: str | Path | None = None, top_n: int = 3, *,
                        modules: Sequence[str] | None = None, max_features: int | None = None,
                        width_px: int = DEFAULT_WIDTH_PX, input_size: tuple[int, int] | None = None,
                        stride: int | None = None) -> list[Path]:
     """Write heatmap overlays of the top images of every (module, layer, feature) of a sweep.
 
-    ``out_dir`` is a sweep results folder (``out_dir/relevance`` is the Parquet dataset); ``images_root``
-    is the folder the ``image`` column is relative to. For each (module, layer, feature), the ``top_n``
-    distinct images with the largest ``act_sum`` ("act") and the largest ``relevance_total`` ("rel") get
+    ``out_dir`` is a sweep results folder (read through :mod:`lrp_ray.results`); ``images_root`` is the
+    folder the ``image`` column is relative to (default: the manifest's ``images_root``). For each
+    (module, layer, feature), the ``top_n`` distinct images with the largest ``act_sum`` ("act") and the
+    largest ``relevance_total`` ("rel") get
     ``out_dir/heatmaps/{module}_L{layer}_F{feature}_{act|rel}_{rank}.png`` (rank 1 = highest): the image
     with the upsampled token relevance map (diverging colormap centred at zero, colour bar) and a title
     with module, layer, feature, query, rank and score. So at most ``2 * top_n`` files per feature,
-    whatever the number of images. ``input_size=(min_size_test, max_size_test)`` with ``stride`` places
-    the tokens exactly (else the grid is stretched over the image). Images that cannot be read are
-    skipped with a warning. Returns the written paths.
+    whatever the number of images. Tokens are placed exactly with each row's ``input_h``/``input_w`` and
+    ``stride``; rows without them (older outputs) use ``input_size=(min_size_test, max_size_test)`` and
+    ``stride``, else the manifest's model config, else the grid is stretched over the image. Images that
+    cannot be read are skipped with a warning. Returns the written paths.
     """
+    from lrp_ray.models.preprocess import resize_shape
+    from lrp_ray.results import part_files, read_manifest
+
     out_dir = Path(out_dir)
-    rel_dir = out_dir / "relevance"
-    if not rel_dir.is_dir():
-        raise FileNotFoundError(f"no relevance dataset at {rel_dir}")
+    if not part_files(out_dir) and not (out_dir / "relevance").is_dir():
+        raise FileNotFoundError(f"no relevance dataset at {out_dir / 'relevance'}")
     if top_n < 1:
         return []
-    rows = select_top_rows(rel_dir, top_n, modules=modules, max_features=max_features)
+    manifest = read_manifest(out_dir)
+    if images_root is None:
+        if manifest is None or not manifest.images_root:
+            raise FileNotFoundError(f"images_root not given and no manifest in {out_dir} names it")
+        images_root = manifest.images_root
+    if (input_size is None or not stride) and manifest is not None:
+        input_size, stride = manifest.input_geometry()
+    rows = select_top_rows(out_dir, top_n, modules=modules, max_features=max_features)
     dest = out_dir / "heatmaps"
     dest.mkdir(parents=True, exist_ok=True)
     cache: dict[str, np.ndarray | None] = {}
@@ -364,12 +367,11 @@ def write_top_heatmaps(out_dir: str | Path, images_root: str | Path, top_n: int 
         if img is None:
             log.warning("heatmaps: cannot read image %s; skipped", r.image)
             continue
-        input_hw = None
-        if input_size is not None and stride:
-            from lrp_ray.models.preprocess import resize_shape
-
-            input_hw = resize_shape(img.shape[0], img.shape[1], int(input_size[0]), int(input_size[1]))
-        data = render_overlay(img, r.token_map, group_title(rs), input_hw=input_hw, stride=stride,
+        input_hw, step = r.input_hw, r.stride
+        if (input_hw is None or step is None) and input_size is not None and stride:
+            input_hw, step = resize_shape(img.shape[0], img.shape[1], int(input_size[0]),
+                                          int(input_size[1])), stride
+        data = render_overlay(img, r.token_map, group_title(rs), input_hw=input_hw, stride=step,
                               width_px=width_px)
         for x in rs:
             path = dest / _safe(heatmap_name(x.module, x.layer, x.feature, x.kind, x.rank))

@@ -1,0 +1,107 @@
+"""Reaching Ray: start a private local instance or join a cluster, and size the actor fleet to it."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from .errors import BadRequest
+from .spec import RunSpec
+
+__all__ = ["connect", "bind_local_to_loopback", "actor_plan"]
+
+log = logging.getLogger("lrp_ray.sweep")
+
+_LOCAL_ENV_DONE = False
+
+
+def _prepare_local_env() -> None:
+    """Local mode: let Ray's workers import this package (also when it is not pip-installed)."""
+    global _LOCAL_ENV_DONE
+    if _LOCAL_ENV_DONE:
+        return
+    _LOCAL_ENV_DONE = True
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    root = str(Path(__file__).resolve().parents[2])
+    pp = os.environ.get("PYTHONPATH", "")
+    if root not in pp.split(os.pathsep):
+        os.environ["PYTHONPATH"] = root + (os.pathsep + pp if pp else "")
+
+
+def bind_local_to_loopback() -> None:
+    """Make a local Ray instance listen on 127.0.0.1 only (what Ray does on macOS/Windows).
+
+    Ray reads this when it is imported, and it holds for the whole process (a later connection to a
+    remote cluster from the same process would advertise 127.0.0.1), so only the CLI calls it, before
+    anything imports ray.
+    """
+    if "ray" not in sys.modules:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def _check_reachable(addr: str, timeout: float = 10.0) -> None:
+    """Fail fast on ``host:port`` / ``ray://host:port`` nobody listens on (ray.init would retry for long)."""
+    import socket
+
+    text = addr.split("://", 1)[1] if "://" in addr else addr
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise ConnectionError(f"nothing answers at {host}:{port} ({exc.strerror or exc})") from None
+
+
+def connect(address: str | None) -> tuple[bool, str]:
+    """Connect to (or start) Ray; returns (whether we must shut it down, a description)."""
+    if address in (None, "", "local") and not (address is None and os.environ.get("RAY_ADDRESS")):
+        _prepare_local_env()
+    import ray
+
+    if ray.is_initialized():
+        return False, "existing Ray connection"
+    addr = address or os.environ.get("RAY_ADDRESS") or "local"
+    if addr != "auto" and addr != "local":
+        _check_reachable(addr)
+    on_term = signal.getsignal(signal.SIGTERM)
+    try:
+        if addr == "local":
+            ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
+                     logging_level=logging.WARNING, log_to_driver=True)
+            return True, "local Ray instance (127.0.0.1)"
+        ray.init(address=addr, logging_level=logging.WARNING, log_to_driver=True)
+        return True, f"Ray cluster at {addr}"
+    finally:  # the caller's SIGTERM handling (the CLI: stop like Ctrl-C) stays in force
+        if threading.current_thread() is threading.main_thread() and on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
+
+
+def actor_plan(spec: RunSpec, local: bool) -> tuple[int, dict, str]:
+    """How many actors, their Ray options and their device, from the cluster's resources."""
+    import ray
+
+    res = ray.cluster_resources()
+    gpus, cpus = float(res.get("GPU", 0)), float(res.get("CPU", 0))
+    device = spec.device
+    if device == "auto":
+        device = "cuda" if gpus > 0 else "cpu"
+    if device == "cuda":
+        if gpus <= 0:
+            if local:
+                raise BadRequest("--device cuda: this machine's Ray instance has no GPU "
+                                 "(use --device cpu or auto)")
+            log.warning("no GPU in the cluster yet; actors wait for the autoscaler")
+        n = (max(1, int(math.floor(gpus / spec.gpus_per_actor + 1e-9))) if spec.actors == "auto"
+             else int(spec.actors))
+        opts = {"num_gpus": spec.gpus_per_actor, "num_cpus": spec.cpus_per_actor}
+    else:
+        n = max(1, int(cpus // spec.cpus_per_actor)) if spec.actors == "auto" else int(spec.actors)
+        opts = {"num_cpus": spec.cpus_per_actor, "num_gpus": 0}
+    return n, {**opts, "max_restarts": 3, "max_task_retries": 2}, device

@@ -1,0 +1,285 @@
+"""Running a prepared sweep: Ray, the actor fleet, the loop, then summary, heatmaps and the manifest.
+
+``execute`` composes :mod:`cluster` (reaching Ray), :class:`~lrp_ray.sweep.fleet.Fleet` (actors),
+:class:`~lrp_ray.sweep.loop.SweepLoop` (placement and retries) and
+:class:`~lrp_ray.sweep.sink.ResultSink` (OUT). Exit codes: the ``EXIT_*`` constants in :mod:`errors`.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import (
+    EXIT_IMAGES_FAILED,
+    EXIT_INCOMPLETE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_OUTPUT,
+    BadRequest,
+    OutputError,
+    SweepFailed,
+    one_line,
+)
+from .indices import format_indices
+from .preparation import Prepared, prepare
+from .progress import make_progress
+from .sink import ResultSink, versions
+from .spec import SweepSpec
+
+__all__ = ["SweepResult", "execute", "run_sweep"]
+
+
+@dataclass
+class SweepResult:
+    out: Path
+    exit_code: int
+    manifest: dict
+    errors: list
+    failed_items: dict[str, str]
+
+
+def _connect(prep: Prepared, n_todo: int) -> tuple[bool, str, int, dict, str, list[str]]:
+    """Reach Ray and size the fleet: (whether we shut Ray down, description, actors, options, device,
+    nodes). Done before OUT is touched: a cluster that cannot be reached must not cost earlier results."""
+    from . import cluster
+
+    run = prep.run
+    try:
+        shutdown, desc = cluster.connect(run.address)
+    except Exception as exc:
+        where = run.address or os.environ.get("RAY_ADDRESS") or "local"
+        raise BadRequest(f"--address {where}: cannot start or reach Ray ({one_line(exc, 300)})") from None
+    import ray
+
+    try:
+        n, opts, device = cluster.actor_plan(run, "local" in desc)
+    except BadRequest:
+        if shutdown:
+            ray.shutdown()
+        raise
+    nodes = sorted({x["NodeManagerAddress"] for x in ray.nodes() if x.get("Alive")})
+    return shutdown, desc, max(1, min(n, n_todo)), opts, device, nodes
+
+
+def _start_fleet(prep: Prepared, n: int, opts: dict, device: str, log_fn: Callable[[str], None],
+                 on_event: Callable[..., None] | None) -> Any:
+    """Ship the weights into the object store and start ``n`` actors."""
+    import ray
+
+    from .actor import LrpWorker
+    from .fleet import Fleet, RetryPolicy
+
+    run = prep.run
+    engine_opts = {"rules": prep.spec.rules, "epsilon": prep.spec.epsilon, "precision": prep.spec.precision,
+                   "device": device, "compile": run.compile}
+    args = (prep.model_cfg, [ray.put(prep.state)], engine_opts, run.cpus_per_actor,
+            2 * (int(run.cache_budget_mb) << 20))
+    fleet = Fleet(LrpWorker, opts, args, RetryPolicy.from_run(run, n), log_fn, on_event)
+    fleet.start(n)
+    return fleet
+
+
+def _base_manifest(prep: Prepared, status: str) -> dict:
+    return {
+        "status": status, "spec": prep.spec.model_dump(mode="json"), "spec_hash": prep.hash,
+        "result_spec": prep.result.model_dump(mode="json"), "run_spec": prep.run.model_dump(mode="json"),
+        "out": str(prep.out), "images_root": str(prep.image_root), "versions": versions(),
+        "model": {"dims": prep.dims, "config": prep.result.model},
+        "selection": {"layers": {m: format_indices(v) for m, v in prep.result.layers.items()},
+                      "features": prep.result.features, "queries": prep.result.queries},
+        "duplicate_images": prep.duplicates,
+    }
+
+
+def execute(prep: Prepared, *, log_fn: Callable[[str], None] = print, progress: bool | None = None,
+            on_event: Callable[..., None] | None = None) -> SweepResult:
+    """Run the prepared sweep. A result file that cannot be written stops it with ``EXIT_OUTPUT``; nothing
+    partial is left and the same request resumes once OUT is writable again."""
+    from .loop import SweepLoop
+
+    t_start = time.perf_counter()
+    run, out = prep.run, prep.out
+    sink = ResultSink(out)
+    finished = set() if run.overwrite else sink.finished()
+    todo = [it for it in prep.plan.items if it.part_relpath not in finished]
+    maps_before = sum(it.n_maps for it in prep.plan.items if it.part_relpath in finished)
+    fleet, loop, shutdown, desc, device, nodes = None, None, False, "nothing to compute", None, []
+    status, exit_code, output_error, actors_info = "complete", EXIT_OK, None, []
+    t_ray = time.perf_counter()
+    t_sweep = ray_start = 0.0
+    if todo:
+        shutdown, desc, n_actors, opts, device, nodes = _connect(prep, len(todo))
+    try:
+        sink.open(run.overwrite, prep.errors)
+        if prep.out_note:
+            log_fn(prep.out_note)
+        log_fn(f"results: {out}")
+        if finished and not run.overwrite:
+            log_fn(f"resuming: {len(prep.plan.items) - len(todo)} of {len(prep.plan.items)} work items "
+                   "already done")
+        sink.write_manifest(_base_manifest(prep, "running"))
+        if todo:
+            fleet = _start_fleet(prep, n_actors, opts, device, log_fn, on_event)
+        ray_start = time.perf_counter() - t_ray
+        if todo:
+            log_fn(f"{desc}: {n_actors} actor(s) on {device}, {len(todo)} work items, "
+                   f"{len(prep.plan.batches)} image batches")
+            bar, slog = make_progress(prep.plan.total_maps, maps_before, progress, log_fn)
+            loop = SweepLoop(prep, todo, fleet, sink, slog, bar, on_event)
+            t0 = time.perf_counter()
+            try:
+                loop.run()
+            finally:
+                t_sweep = time.perf_counter() - t0
+                if bar is not None:
+                    bar.close()
+                actors_info = fleet.final_info()
+            if loop.failed:
+                status, exit_code = "incomplete", EXIT_INCOMPLETE
+    except KeyboardInterrupt:
+        status, exit_code = "interrupted", EXIT_INTERRUPTED
+        log_fn("interrupted: finished work items are kept; run the same command again to resume")
+    except SweepFailed as exc:
+        status, exit_code = "incomplete", EXIT_INCOMPLETE
+        log_fn(f"sweep stopped: {exc}; finished work items are kept; run again to resume")
+    except OutputError as exc:
+        status, exit_code, output_error = "output_error", EXIT_OUTPUT, exc
+        log_fn(f"sweep stopped: {exc}")
+    finally:
+        if fleet is not None:
+            fleet.stop()
+        if shutdown:
+            import ray
+
+            ray.shutdown()
+
+    t_sum = time.perf_counter()
+    summary = None
+    if status not in ("interrupted", "output_error"):
+        from .summary import write_summary
+
+        try:
+            summary = write_summary(out)
+        except OSError as exc:
+            output_error = OutputError(exc, f"{out / 'summary.csv'}")
+            status, exit_code = "output_error", EXIT_OUTPUT
+            log_fn(f"sweep stopped: {output_error}")
+    t_sum = time.perf_counter() - t_sum
+    heatmaps = _render_heatmaps(prep, log_fn) if run.heatmaps and status == "complete" else None
+    if exit_code == EXIT_OK and prep.errors:
+        exit_code = EXIT_IMAGES_FAILED
+    failed_items = dict(loop.failed) if loop else {}
+    stats = dict(loop.stats) if loop else {}
+    fstats = dict(fleet.stats) if fleet else {}
+    profile_names = dict(loop.profile_names) if loop else {}
+    if prep.resumed and prep.old_manifest is not None:
+        profile_names = {**(prep.old_manifest.profile_names or {}), **profile_names}
+    manifest = _base_manifest(prep, status)
+    manifest.update({
+        "run": {"ray": desc, "nodes": nodes, "actors": len(fleet.actors) if fleet else 0, "device": device,
+                "actors_info": actors_info},
+        "counts": {
+            "images_found": len(prep.images) + len(prep.errors), "images_ok": len(prep.images),
+            "images_failed": len(prep.errors), "batches": len(prep.plan.batches),
+            "items_total": len(prep.plan.items), "items_skipped_resume": len(prep.plan.items) - len(todo),
+            "items_run": len(loop.done) if loop else 0, "items_failed": len(failed_items),
+            "maps_total": prep.plan.total_maps, "maps_run": stats.get("maps", 0),
+            "rows_written_this_run": sink.rows, "summary_rows": None if summary is None else len(summary),
+        },
+        "forward_passes": stats.get("forward_passes", 0),
+        "cache": {k: stats.get(k, 0) for k in ("cache_hits", "cache_transfers", "exports")},
+        "reliability": {"item_retries": stats.get("item_retries", 0), "duplicate_results": sink.duplicates,
+                        **{k: fstats.get(k, 0) for k in ("reassigned", "actor_restarts", "actors_replaced")}},
+        "failed_items": failed_items,
+        "error": None if output_error is None else str(output_error),
+        "timings": _timings(prep, ray_start, t_sweep, t_sum, loop, sink,
+                            prep.timings.get("prepare", 0) + time.perf_counter() - t_start),
+        "peak_memory": {"driver_rss": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024,
+                        "actors": loop.actor_peaks if loop else {}},
+        "profile_names": profile_names,
+        "heatmaps": heatmaps,
+    })
+    try:
+        sink.write_manifest(manifest)
+    except OutputError as exc:  # OUT still unwritable: the manifest of the run (status "running") stays
+        if output_error is None:
+            output_error = exc
+            manifest.update(status="output_error", error=str(exc))
+            exit_code = EXIT_OUTPUT
+            log_fn(f"sweep stopped: {exc}")
+    _final_table(log_fn, prep, manifest, summary)
+    return SweepResult(out, exit_code, manifest, prep.errors, failed_items)
+
+
+def _timings(prep: Prepared, ray_start: float, sweep: float, summary: float, loop: Any, sink: ResultSink,
+             total: float) -> dict[str, float]:
+    """Wall seconds of the phases, and where the sweep's time went (``manifest.json`` ``timings``).
+
+    Driver wall seconds: ``discover``, ``model_load``, ``validate_images``, ``plan``, ``prepare`` (all of
+    these), ``ray_start`` (connect or start Ray, the weights into the object store, actors started),
+    ``sweep`` (the loop), ``summary``, ``total``. Summed over this run's written work items: ``decode``
+    (image reads on the driver + resize/normalise on the actors), ``forward``, ``cache_import``,
+    ``propagation`` (actor-seconds: with several actors they can add up to more than ``sweep``),
+    ``writing`` (the driver's Parquet part writes) and ``result_tables`` (rows to Arrow on the actors).
+    """
+    sec = loop.seconds if loop else {}
+    out = dict(prep.timings)
+    out.update({
+        "ray_start": ray_start, "sweep": sweep, "summary": summary,
+        "decode": sec.get("read_images", 0.0) + sec.get("decode", 0.0), "forward": sec.get("forward", 0.0),
+        "cache_import": sec.get("import", 0.0), "propagation": sec.get("relevance", 0.0),
+        "result_tables": sec.get("table", 0.0), "writing": sink.seconds, "total": total,
+    })
+    return {k: round(float(v), 3) for k, v in out.items()}
+
+
+def _render_heatmaps(prep: Prepared, log_fn: Callable[[str], None]) -> dict | None:
+    """OUT/heatmaps: overlays of the top images per module/layer/feature (lrp_ray.viz)."""
+    try:
+        from lrp_ray.viz import write_top_heatmaps
+    except ImportError as exc:
+        log_fn(f"--heatmaps: the heatmap renderer is not available ({one_line(exc)}); skipped")
+        return None
+    t0 = time.perf_counter()
+    try:
+        written = write_top_heatmaps(prep.out, prep.image_root, top_n=3)
+    except Exception as exc:
+        log_fn(f"--heatmaps: rendering failed: {one_line(exc)}")
+        return None
+    log_fn(f"heatmaps: {len(written)} images in {prep.out / 'heatmaps'}")
+    return {"dir": str(prep.out / "heatmaps"), "files": len(written),
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _final_table(log_fn: Callable[[str], None], prep: Prepared, manifest: dict, summary: Any) -> None:
+    c, cache = manifest["counts"], manifest["cache"]
+    head = f"{'module':8} {'layer':>5} {'features':>8} {'maps':>10} {'input rel.':>11} {'activation':>11}"
+    lines = ["", head]
+    if summary is not None and len(summary):
+        for m in ("encoder", "decoder"):
+            for layer, g in summary[summary["module"] == m].groupby("layer", sort=True):
+                rel, act = g["input_relevance_mean"].mean(), g["activation_mean"].mean()
+                lines.append(f"{m:8} {int(layer):>5} {len(g):>8} {int(g['n_rows'].sum()):>10} "
+                             f"{rel:>11.4g} {act:>11.4g}")
+    failed = f" (see {prep.out / 'errors.csv'})" if c["images_failed"] else ""
+    lines.append(f"status {manifest['status']}: {c['images_ok']} images ok, "
+                 f"{c['images_failed']} failed{failed}")
+    lines.append(f"{c['items_total']} work items: {c['items_skipped_resume']} resumed, {c['items_run']} run, "
+                 f"{c['items_failed']} failed; {manifest['forward_passes']} forward passes, "
+                 f"{cache['cache_hits']} cache hits, {cache['cache_transfers']} cache transfers; "
+                 f"{manifest['timings']['total']:.1f}s")
+    lines.append(f"results: {prep.out}")
+    for line in lines:
+        log_fn(line)
+
+
+def run_sweep(spec: SweepSpec, *, log_fn: Callable[[str], None] = print, progress: bool | None = None,
+              on_event: Callable[..., None] | None = None) -> SweepResult:
+    """Validate (raises :class:`BadRequest`), then run. The in-process API behind the CLI."""
+    return execute(prepare(spec, log_fn), log_fn=log_fn, progress=progress, on_event=on_event)

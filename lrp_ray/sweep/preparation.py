@@ -1,0 +1,222 @@
+"""Preparing a sweep: everything that can fail because of the request, before Ray or any actor starts.
+
+Resolves OUT, finds and validates the images, loads the model (config + weights), checks the index
+ranges, makes the plan and the :class:`~lrp_ray.sweep.spec.ResultSpec` whose digest guards resuming.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BadRequest, one_line
+from .images import (
+    DEMO_IMAGES,
+    ImageError,
+    ImageInfo,
+    discover,
+    duplicate_groups,
+    validate,
+    write_synthetic_images,
+)
+from .indices import check_queries, format_indices, resolve_indices, targets_per_feature
+from .plan import Plan, make_plan
+from .sink import OWNED_NAMES, read_manifest
+from .spec import ResultSpec, RunSpec, SweepSpec
+
+__all__ = ["Prepared", "prepare", "resolve_out", "in_ray_job", "RESULTS_ROOT_ENV"]
+
+JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+RESULTS_ROOT_ENV = "LRP_RAY_RESULTS"
+"""Inside a Ray job, a relative --out is resolved against this folder (default ``~/lrp_ray_results``)."""
+
+
+@dataclass
+class Prepared:
+    """A validated request, ready to run."""
+
+    spec: SweepSpec
+    run: RunSpec
+    result: ResultSpec
+    hash: str
+    out: Path
+    out_note: str
+    image_root: Path
+    images: list[ImageInfo]
+    errors: list[ImageError]
+    duplicates: list[list[str]]
+    model_cfg: Any
+    state: dict
+    dims: dict[str, int]
+    plan: Plan
+    resumed: bool
+    old_manifest: Any = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def in_ray_job() -> bool:
+    """True when running as the entrypoint of ``ray job submit`` (its working dir is temporary)."""
+    return JOB_ENV in os.environ
+
+
+def resolve_out(out: str) -> tuple[Path, str]:
+    """OUT as an absolute folder path, and a note when it was resolved somewhere unexpected."""
+    if "://" in out:
+        raise BadRequest(f"--out {out}: must be a folder path on the driver's machine "
+                         "(URIs are not supported)")
+    p = Path(out).expanduser()
+    note = ""
+    if not p.is_absolute():
+        if in_ray_job():
+            base = Path(os.environ.get(RESULTS_ROOT_ENV, "~/lrp_ray_results")).expanduser().resolve()
+            p = base / p
+            note = (f"relative --out inside a Ray job resolved against {base} (the job's working dir is "
+                    f"temporary; set ${RESULTS_ROOT_ENV} or pass an absolute --out)")
+        else:
+            p = Path.cwd() / p
+    p = Path(os.path.abspath(p))
+    if p.exists() and not p.is_dir():
+        raise BadRequest(f"--out {out}: is a file; give a folder (new or from an earlier sweep)")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise BadRequest(f"--out {out}: {parent} is a file, not a folder")
+            break
+    return p, note
+
+
+def _load_model(spec: SweepSpec, log_fn: Callable[[str], None]) -> Any:
+    import torch
+
+    from lrp_ray.models import load_model
+
+    if spec.config is not None and not Path(spec.config).expanduser().is_file():
+        raise BadRequest(f"--config {spec.config}: file not found")
+    if spec.weights is not None and not Path(spec.weights).expanduser().is_file():
+        raise BadRequest(f"--weights {spec.weights}: file not found")
+    try:
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = load_model(spec.config, spec.weights, list(spec.overrides), device="cpu")
+        for w in caught:
+            log_fn(f"note: {w.message}")
+        return model
+    except (FileNotFoundError, PermissionError) as exc:
+        raise BadRequest(one_line(exc)) from None
+    except Exception as exc:  # ConfigError, CheckpointError (weights that do not fit), ...
+        kind = type(exc).__name__
+        what = "model"
+        if spec.weights and "heckpoint" in kind:
+            what = "--weights"
+        elif spec.config and "Config" in kind and str(Path(spec.config).expanduser()) in str(exc):
+            what = "--config"
+        raise BadRequest(f"{what}: {one_line(exc)}") from None
+
+
+def _file_sha(path: str | None) -> str | None:
+    if path is None:
+        return None
+    h = hashlib.sha256()
+    with open(Path(path).expanduser(), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _numerics(model: Any, spec: SweepSpec) -> dict[str, Any]:
+    """The engine's constants that decide its arithmetic for this request (part of the result's hash)."""
+    from lrp_ray.lrp import EngineConfig, LrpEngine
+
+    engine = LrpEngine(model, EngineConfig(rules=spec.rules, epsilon=spec.epsilon, precision=spec.precision,
+                                           device="cpu"))
+    return engine.numerics()
+
+
+def _schema_version() -> int:
+    from lrp_ray.results import SCHEMA_VERSION
+
+    return int(SCHEMA_VERSION)
+
+
+def _check_out(out: Path, run: RunSpec) -> Any:
+    """OUT may be new, empty, or hold an earlier sweep of ours (resume) unless --overwrite."""
+    manifest = read_manifest(out)
+    nonempty = out.is_dir() and any(out.iterdir())
+    if nonempty and manifest is None and not run.overwrite:
+        ours = [n for n in OWNED_NAMES if (out / n).exists()]
+        what = "results of an unfinished or unknown sweep" if ours else "other files"
+        raise BadRequest(f"--out {out}: folder is not empty ({what}, no manifest.json); choose an empty or "
+                         "new folder, or pass --overwrite")
+    if not run.resume and not run.overwrite and manifest is not None:
+        raise BadRequest(f"--out {out}: holds an earlier sweep; resume it (default) or pass --overwrite")
+    return manifest
+
+
+def prepare(spec: SweepSpec, log_fn: Callable[[str], None] = print) -> Prepared:
+    """Everything that can fail because of the request, before Ray or any actor starts."""
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    run = spec.run_spec()
+    out, note = resolve_out(run.out)
+    manifest = _check_out(out, run)
+
+    if spec.images is not None:
+        image_set = discover(spec.images, exclude=out)
+    elif DEMO_IMAGES.is_dir() and any(DEMO_IMAGES.iterdir()):
+        image_set = discover(str(DEMO_IMAGES))
+    else:
+        image_set = discover(str(write_synthetic_images(out / "_cache" / "synthetic_images")))
+    timings["discover"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    model = _load_model(spec, log_fn)
+    from lrp_ray.models import from_module
+
+    parts = from_module(model)
+    dims = {"encoder": len(parts.transformer.encoder.layers),
+            "decoder": len(parts.transformer.decoder.layers),
+            "hidden_dim": int(parts.hidden_dim), "num_queries": int(parts.num_queries)}
+    layers = {m: resolve_indices(spec.layers, dims[m], f"{m} layers") for m in spec.modules}
+    features = resolve_indices(spec.features, dims["hidden_dim"], "features")
+    queries = check_queries(spec.queries, dims["num_queries"]) if "decoder" in spec.modules else None
+    state = {k: v.detach().cpu().contiguous().numpy() for k, v in model.state_dict().items()}
+    cfg = model.cfg
+    numerics = _numerics(model, spec)
+    timings["model_load"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    ok, bad = validate(image_set)
+    timings["validate_images"] = time.perf_counter() - t2
+
+    per_feature = {"encoder": 1}
+    if queries is not None:
+        per_feature["decoder"] = targets_per_feature(queries, dims["num_queries"])
+    t3 = time.perf_counter()
+    plan = make_plan([i.name for i in ok], spec.batch_size, layers, features, spec.item_features, per_feature)
+    timings["plan"] = time.perf_counter() - t3
+
+    result = ResultSpec(
+        schema_version=_schema_version(), model=cfg.model_dump(mode="json"),
+        weights_sha256=_file_sha(spec.weights), numerics=numerics,
+        images=[(i.name, i.sha1) for i in ok], batch_size=spec.batch_size, layers=layers,
+        features=format_indices(features), queries=queries, item_features=spec.item_features,
+        rules=spec.rules, epsilon=spec.epsilon, precision=spec.precision)
+    digest = result.digest()
+    resumed = False
+    if manifest is not None and not run.overwrite:
+        if manifest.spec_hash != digest:
+            diff = result.differences(manifest.result_spec)
+            raise BadRequest(f"--out {out}: holds results of a different sweep (differs in: "
+                             f"{', '.join(diff)}); use another --out or pass --overwrite")
+        resumed = True
+    timings["prepare"] = time.perf_counter() - t0
+    return Prepared(spec=spec, run=run, result=result, hash=digest, out=out, out_note=note,
+                    image_root=image_set.root, images=ok, errors=bad, duplicates=duplicate_groups(ok),
+                    model_cfg=cfg, state=state, dims=dims, plan=plan, resumed=resumed,
+                    old_manifest=manifest, timings=timings)
