@@ -15,17 +15,19 @@ import pandas as pd
 
 from .lrp import EngineConfig, LrpEngine, RelevanceResult
 from .models import ImageReadError, load_model, preprocess, read_image
-from .results import backbone_stride, empty_frame
+from .results import backbone_stride, empty_frame, image_text
 from .sweep.images import IMAGE_EXTENSIONS
 
 __all__ = ["load_model", "explain", "explain_arrays", "engine_for", "IMAGE_EXTENSIONS", "list_images"]
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """Image files under ``folder`` (recursive), sorted."""
+    """Image files under ``folder`` (recursive), sorted; a single image file is a list of one."""
     root = Path(folder).expanduser()
+    if root.is_file():
+        return [root]
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
+        raise FileNotFoundError(f"image folder or file not found: {root}")
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
@@ -43,7 +45,7 @@ def _features(features: int | str | Iterable[int], hidden_dim: int) -> list[int]
         return list(range(hidden_dim))
     if isinstance(features, (int, np.integer)):
         return [int(features)]
-    return [int(f) for f in features]
+    return list(dict.fromkeys(int(f) for f in features))  # each feature once, in the order given
 
 
 def explain_arrays(engine: LrpEngine, cfg: Any, images: Sequence[np.ndarray], ids: Sequence[str],
@@ -73,7 +75,8 @@ def explain(model: Any, images: str | Path | Sequence[str | Path | np.ndarray], 
             engine: LrpEngine | None = None) -> pd.DataFrame:
     """LRP relevance of ``features`` at ``module`` layer ``layer``: one row per image x target.
 
-    ``images`` is a folder, or a list of paths and/or RGB uint8 arrays. Unreadable images are skipped
+    ``images`` is a folder, an image file, or a list of paths and/or RGB uint8 arrays; a feature given
+    twice is explained once. Unreadable images are skipped
     and listed in ``df.attrs["errors"]`` (image, reason). ``queries`` (decoder): ``"all"``, ``"topK"``
     or explicit ids. The profile column's names are in ``df.attrs["profile_names"]``.
     """
@@ -90,9 +93,9 @@ def explain(model: Any, images: str | Path | Sequence[str | Path | np.ndarray], 
             continue
         try:
             arrays.append(read_image(item))
-            ids.append(str(item))
+            ids.append(image_text(str(item)))
         except ImageReadError as exc:
-            errors.append({"image": str(item), "reason": exc.reason})
+            errors.append({"image": image_text(str(item)), "reason": exc.reason})
     cfg = getattr(engine.parts.module, "cfg", None) or getattr(model, "cfg", None)
     if cfg is None:
         raise ValueError("the model carries no preprocessing config (.cfg); load it with load_model()")

@@ -101,3 +101,13 @@ def test_calc_lrp_main_writes_csv(tmp_path, image_dir, small_model):
     np.testing.assert_allclose(np.sort(csv.act_sum.values), np.sort(ref.act_sum.values), rtol=1e-6)
     with pytest.raises(ValueError, match="which_module"):
         calc_lrp.main(str(image_dir), 1, 7, "middle", str(out), str(weights), config_path=str(cfg))
+
+
+def test_explain_takes_a_single_image_file_and_explains_a_repeated_feature_once(small_model, image_dir):
+    one = explain(small_model, image_dir / "a.jpg", "encoder", 1, [3, 3, 1], device="cpu")
+    assert list(one["feature"]) == [3, 1] and set(one["image"]) == {str(image_dir / "a.jpg")}
+    both = explain(small_model, [image_dir / "a.jpg"], "encoder", 1, [3, 1], device="cpu")
+    for col in ("relevance_total", "input_relevance"):
+        assert np.array_equal(one[col].to_numpy(), both[col].to_numpy())
+    with pytest.raises(FileNotFoundError, match="image folder or file not found"):
+        explain(small_model, image_dir / "missing.jpg", "encoder", 1, 0, device="cpu")

@@ -285,3 +285,30 @@ def test_original_layout_matches_torchvision_resnet(depth: int, blocks: list[int
     assert ours.shape == ref.shape == (1, res2 * 8, 2, 3)
     assert ref.abs().max() > 0
     assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("text", ["hello", "model weights v2\n", "{}", "cos\nsystem\n(S'true'\ntR."])
+def test_a_text_file_as_weights_is_called_what_it_is(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "notes.pth"
+    path.write_text(text)
+    with pytest.raises(CheckpointError) as info:
+        load_weights(small_model(), path)
+    msg = str(info.value)
+    assert str(path) in msg and "\n" not in msg
+    if "refused for safety" not in msg:  # a real pickle of code (the last case) is refused for safety
+        assert "not a torch.save file" in msg and "Python objects" not in msg
+
+
+def test_a_hidden_dim_mismatch_names_the_file_and_the_fix_first(tmp_path: Path) -> None:
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": random_state_dict("d2-small")}, path)
+    config = tmp_path / "config.yaml"
+    config.write_text((FIX / "d2-small" / "config.yaml").read_text().replace("HIDDEN_DIM: 64",
+                                                                            "HIDDEN_DIM: 128"))
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_model(config, path)
+    msg = str(info.value)
+    assert f"checkpoint {path} " in msg and "<state dict>" not in msg
+    first_lines = msg.splitlines()[:2]
+    assert first_lines[1].strip().startswith("hint: checkpoint has hidden dim 64, config says 128: "
+                                             "set MODEL.DETR.HIDDEN_DIM 64")

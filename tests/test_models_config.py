@@ -36,7 +36,8 @@ def test_base_inheritance_and_overrides(tmp_path: Path) -> None:
         "MODEL:\n  META_ARCHITECTURE: Detr\n  DETR:\n    HIDDEN_DIM: 128\n    NHEADS: 4\n    ENC_LAYERS: 2\n"
         "INPUT:\n  FORMAT: BGR\n")
     (tmp_path / "bases" / "mid.yaml").write_text(
-        "_BASE_: root.yaml\nMODEL:\n  DETR:\n    ENC_LAYERS: 4\n    DEC_LAYERS: 5\n    SOMETHING_UNUSED: 7\n")
+        "_BASE_: root.yaml\nMODEL:\n  DETR:\n    ENC_LAYERS: 4\n    DEC_LAYERS: 5\n"
+        "SOLVER:\n  SOMETHING_UNUSED: 7\n")
     child = tmp_path / "child.yaml"
     child.write_text("_BASE_: bases/mid.yaml\nMODEL:\n  DETR:\n    DEC_LAYERS: 1\n")
     cfg = load_config(child)
@@ -112,3 +113,23 @@ def test_dilation_needs_bottleneck() -> None:
     with pytest.raises(ConfigError, match="RES5_DILATION 2 needs a bottleneck"):
         load_config(None, ["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES5_DILATION", "2"])
     assert load_config(None, ["MODEL.RESNETS.RES5_DILATION", "2"]).res5_dilation == 2
+
+
+def test_unknown_keys_in_checked_sections_are_refused_naming_the_closest(tmp_path):
+    from lrp_ray.models.config import CHECKED_SECTIONS
+
+    fixture = Path(__file__).parent / "fixtures" / "detectron2-detr" / "d2-r50" / "config.yaml"
+    load_config(fixture)  # a real detectron2 dump: every key known
+    text = fixture.read_text()
+    for wrong, right in (("ENC_LAYERS", "ENC_LAYRS"), ("MIN_SIZE_TEST", "MIN_SIZ_TEST"),
+                         ("STRIDE_IN_1X1", "STRIDE_IN1X1")):
+        assert wrong in text
+        bad = tmp_path / f"{right}.yaml"
+        bad.write_text(text.replace(f"{wrong}:", f"{right}:", 1))
+        with pytest.raises(ConfigError, match=rf"unknown config key \S*{right}; did you mean \S*{wrong}\?"):
+            load_config(bad)
+    # keys outside the checked sections (other detectron2 versions, solver settings) are left alone
+    extra = tmp_path / "extra.yaml"
+    extra.write_text(text + "SOLVER_EXTRA: 1\nMY_PROJECT:\n  KEY: 2\n")
+    load_config(extra)
+    assert "MODEL.DETR" in CHECKED_SECTIONS

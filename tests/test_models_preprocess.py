@@ -85,8 +85,7 @@ def test_read_errors(tmp_path: Path) -> None:
     with pytest.raises(ImageReadError, match="truncated"):
         read_image(tmp_path / "cut.jpg")
     Image.new("RGB", (100, 20)).save(tmp_path / "small.png")
-    with pytest.raises(ImageReadError, match=r"too small \(100x20\)"):
-        read_image(tmp_path / "small.png")
+    assert read_image(tmp_path / "small.png").shape == (20, 100, 3)  # small images are resized like any
     _fake_huge_png(tmp_path / "bomb.png", 20000, 20000)
     with pytest.raises(ImageReadError, match="decompression bomb") as info:
         read_image(tmp_path / "bomb.png")

@@ -124,7 +124,7 @@ def test_a_part_that_cannot_be_written_leaves_no_file(tmp_path):
     assert list(folder.iterdir()) == []
 
 
-def _block_output(how: str, dataset: Path) -> list[Path]:
+def _block_output(how: str, dataset: Path, tag: str) -> list[Path]:
     """Make the decoder's part files unwritable, as root too. ``disk_full``: their temp files are links to
     /dev/full (writes fail with ENOSPC); ``blocked``: a regular file where the ``module=decoder`` folder must
     go (a read-only or vanished mount gives the same kind of error). Returns what was planted."""
@@ -138,7 +138,7 @@ def _block_output(how: str, dataset: Path) -> list[Path]:
         folder.mkdir(parents=True)
         for b in range(3):
             for c in range(2):
-                link = folder / f".part-b{b:05d}-c{c:04d}.parquet.tmp-{os.getpid()}"
+                link = folder / f".part-b{b:05d}-c{c:04d}-{tag}.parquet.tmp-{os.getpid()}"
                 link.symlink_to(DEV_FULL)
                 planted.append(link)
     return planted
@@ -151,10 +151,11 @@ def test_unwritable_output_mid_sweep_stops_cleanly_and_resumes(sweep_reference, 
         pytest.skip("needs /dev/full")
     out = tmp_path / "out"
     planted: list[Path] = []
+    tag = json.loads((sweep_reference[0] / "manifest.json").read_text())["spec_hash"]  # the same request
 
     def on_event(kind, **info):
         if kind == "item_done" and not planted:  # after the first item: encoder parts only so far
-            planted.extend(_block_output(how, out / "relevance"))
+            planted.extend(_block_output(how, out / "relevance", tag))
 
     lines: list[str] = []
     # one actor, one item at a time: items run in plan order (batch 1: encoder layers, then decoder)

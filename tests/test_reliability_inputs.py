@@ -93,6 +93,10 @@ def make_messy_folder(f: Path) -> tuple[dict, dict]:
     ok[UNICODE_NAME] = (None, (36, 70))
     shutil.copyfile(f / UNICODE_NAME, f / "copy of it.png")  # two identical images, different names
     ok["copy of it.png"] = (UNICODE_NAME, (36, 70))
+    save("tiny.png", rng.integers(0, 256, (20, 31, 3), dtype=np.uint8))  # resized like any other
+    ok["tiny.png"] = (None, (20, 31))
+    save("one_pixel.png", rng.integers(0, 256, (1, 1, 3), dtype=np.uint8))
+    ok["one_pixel.png"] = (None, (1, 1))
     for i, name in enumerate(ESCAPE_NAMES):
         save(name, rng.integers(0, 256, (40 + i, 48, 3), dtype=np.uint8))
         ok[name] = (None, (40 + i, 48))
@@ -111,8 +115,6 @@ def make_messy_folder(f: Path) -> tuple[dict, dict]:
     bad["corrupt.jpg"] = "not an image"
     _png_header_only(f / "bomb.png", 40000, 40000)
     bad["bomb.png"] = "decompression bomb"
-    save("tiny.png", rng.integers(0, 256, (20, 31, 3), dtype=np.uint8))
-    bad["tiny.png"] = "too small"
     shutil.copyfile(f / "ref_rgb.png", f / "unreadable.png")
     os.chmod(f / "unreadable.png", 0)
     bad["unreadable.png"] = "permission denied"
@@ -175,7 +177,7 @@ def test_sweep_goes_on_and_reports_how_many_failed(messy):
 
 
 @pytest.mark.parametrize("name", ["zero.jpg", "text.jpg", "truncated.jpg", "corrupt.jpg", "bomb.png",
-                                  "tiny.png", "unreadable.png", "broken_link.jpg", "pipe.jpg"])
+                                  "unreadable.png", "broken_link.jpg", "pipe.jpg"])
 def test_unusable_file_is_listed_with_a_clear_reason(messy, name):
     if name not in messy["bad"]:
         pytest.skip("running as root without CAP_SETPCAP: a chmod 000 file stays readable")
@@ -191,6 +193,7 @@ def _rows_of(messy, name: str) -> pd.DataFrame:
 
 @pytest.mark.parametrize("name", ["rgb16.png", "gray.png", "gray16.png", "palette.png", "rgba.png",
                                   "exif_rotated.jpg", "cmyk.jpg", "copy of it.png", UNICODE_NAME,
+                                  "tiny.png", "one_pixel.png",
                                   *ESCAPE_NAMES])
 def test_awkward_but_valid_image_is_processed_correctly(messy, name):
     twin, (h, w) = messy["ok"][name]

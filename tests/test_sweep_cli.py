@@ -45,6 +45,8 @@ def test_cli_end_to_end_rows_and_values_equal_the_engine(tiny_images, tiny_confi
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "encoder layer 0, features 0,5, batch 1/3 (2 images)" in proc.stdout
     assert "progress:" in proc.stdout  # the progress line of non-terminal output
+    # nothing a newcomer would read as a failure (the weights are no actor constructor argument)
+    assert "constructor arguments" not in proc.stdout + proc.stderr and " E " not in proc.stderr
     assert f"results: {out}" in proc.stdout
     df = pd.read_parquet(out / "relevance")
     df["module"] = df["module"].astype(str)

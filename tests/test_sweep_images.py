@@ -39,10 +39,9 @@ def make_bad_images(folder):
     (folder / "truncated.png").write_bytes(data[: len(data) // 2])
     good.unlink()
     _png_header_only(folder / "bomb.png", 20000, 20000)
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "tiny.png")
     (folder / "broken_link.jpg").symlink_to(folder / "does_not_exist.jpg")
     return {"zero.jpg": "empty file", "text.jpg": "not an image", "truncated.png": "", "bomb.png": "bomb",
-            "tiny.png": "too small", "broken_link.jpg": "not found"}
+            "broken_link.jpg": "not found"}
 
 
 def test_discover_recursive_extensions_and_glob(tmp_path):
@@ -97,3 +96,23 @@ def test_synthetic_images_are_deterministic(tmp_path):
         assert (a / n).read_bytes() == (b / n).read_bytes()
     ok, bad = validate(discover(str(a)))
     assert len(ok) == 4 and not bad
+
+
+def test_folder_links_are_followed_once_and_loops_end(tmp_path):
+    import os
+    import time
+
+    d = write_images(tmp_path / "imgs", {"a.png": (40, 40), "sub/b.png": (40, 40)})
+    os.symlink("..", d / "sub" / "up")
+    os.symlink(".", d / "loop1")
+    os.symlink(".", d / "loop2")
+    other = write_images(tmp_path / "elsewhere", {"c.png": (40, 40)})
+    os.symlink(other, d / "linked")  # a linked folder outside: followed
+    t0 = time.perf_counter()
+    folder = discover(str(d))
+    glob_all = discover(str(d / "**" / "*.png"))
+    assert time.perf_counter() - t0 < 10
+    assert folder.names == ["a.png", "linked/c.png", "sub/b.png"]
+    assert glob_all.names == folder.names  # both modes choose the same files
+    assert discover(str(d / "*.png")).names == ["a.png"]
+    assert discover(str(d / "sub" / "*.png")).names == ["b.png"]

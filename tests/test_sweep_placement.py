@@ -134,3 +134,15 @@ def test_any_interleaving_of_actors_losses_and_retries_settles_each_item_exactly
             raise AssertionError("no actor got work while items remain")
     assert pl.remaining == 0
     assert sorted(settled) == sorted(it.uid for it in p.items)
+
+
+def test_progress_shows_an_eta_only_once_it_is_measured():
+    from lrp_ray.sweep.progress import TextProgress
+
+    lines: list[str] = []
+    p = TextProgress(total=100, initial=0, log_fn=lines.append, every=0.0)
+    p.update(10)  # the first item: start-up time is not a rate
+    assert lines[-1].endswith("ETA ?") and "0.0 maps/s" in lines[-1]
+    p.first = (p.first[0] - 2.0, p.first[1])  # 2 s since the first item
+    p.update(20)
+    assert "ETA 00:00:0" in lines[-1] and "10.0 maps/s" in lines[-1]

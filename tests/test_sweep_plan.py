@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -27,7 +29,10 @@ def test_plan_items_and_keys():
     assert len({it.part_relpath for it in plan.items}) == len(plan.items)
     assert plan.total_maps == 7 * 10 * 2 + 7 * 10 * 5
     it = plan.by_batch[2][-1]
-    assert it.part_relpath == "module=decoder/layer=2/part-b00002-c0002.parquet"
+    assert it.part_relpath == "module=decoder/layer=2/part-b00002-c0002.parquet"  # no request tag given
+    tagged = make_plan([f"i{k}.png" for k in range(7)], 3, {"encoder": [0]}, [0], 4, {"encoder": 1},
+                       tag="abc")
+    assert tagged.items[0].part_relpath == "module=encoder/layer=0/part-b00000-c0000-abc.parquet"
     assert it.label(3) == "decoder layer 2, features 8-9, batch 3/3 (1 image)"
     assert plan.by_batch[0][0].label(3) == "encoder layer 0, features 0-3, batch 1/3 (3 images)"
     auto = make_plan(images, 4, {"encoder": [5]}, list(range(256)), "auto", {"encoder": 1})
@@ -105,16 +110,33 @@ def test_writer_atomic_resume_listing_and_summary(engine_and_batch, tmp_path, mo
     assert enc.n_images == 3 and enc.relevance_mean == pytest.approx(rows.relevance_total.mean())
     assert enc.activation_std == pytest.approx(rows.act_mean.std(ddof=0))
     top = rows.sort_values("input_relevance", ascending=False).image.tolist()
-    assert enc.top5_images_by_relevance.split("|") == top
+    assert list(enc.top5_images_by_relevance) == top
     mean_ch = np.stack(rows.channel_relevance.to_list()).mean(0)
-    assert [int(c) for c in enc.top10_channels.split("|")] == list(np.argsort(-mean_ch, kind="stable")[:10])
+    assert list(enc.top10_channels) == list(np.argsort(-mean_ch, kind="stable")[:10])
     dec = summary[summary.module == "decoder"]
     assert (dec.n_rows == 3 * 2).all() and (dec.n_images == 3).all()
     on_disk = pd.read_csv(tmp_path / "summary.csv")
     assert len(on_disk) == len(summary)
+    assert [json.loads(v) for v in on_disk.top5_images_by_relevance] == [
+        list(v) for v in summary.top5_images_by_relevance]
+    stored = pd.read_parquet(tmp_path / "summary.parquet")
+    assert [list(v) for v in stored.top10_channels] == [list(v) for v in summary.top10_channels]
     # one part file at a time (the streamed merge) = all at once
     import lrp_ray.sweep.summary as summary_mod
 
     monkeypatch.setattr(summary_mod, "_CHUNK_BYTES", 1)
     one_by_one = write_summary(tmp_path)
     pd.testing.assert_frame_equal(one_by_one, summary, check_exact=False, rtol=1e-12)
+
+
+def test_csv_cells_that_a_spreadsheet_would_run_are_neutralised(tmp_path):
+    import csv
+
+    from lrp_ray.sweep.images import ImageError
+    from lrp_ray.sweep.summary import write_errors
+
+    names = ["=cmd|calc.jpg", "+1.png", "@a.png", "-x.png", "ok|name.png"]
+    write_errors(tmp_path, [ImageError(n, "=HYPERLINK(\"x\")") for n in names])
+    rows = list(csv.reader((tmp_path / "errors.csv").open()))[1:]
+    assert [r[0] for r in rows] == ["'=cmd|calc.jpg", "'+1.png", "'@a.png", "'-x.png", "ok|name.png"]
+    assert all(r[1].startswith("'=") for r in rows)

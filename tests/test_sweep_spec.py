@@ -193,3 +193,13 @@ def test_spec_defaults_are_the_documented_ones():
     assert (s.module, s.layers, s.features, s.rules, s.batch_size, s.out) == ("both", "all", "all", "cp", 4,
                                                                             "lrp_out")
     assert Path(s.out).parts[0] == "lrp_out"
+
+
+def test_model_errors_blame_the_right_flag(tmp_path, tiny_images, tiny_config, capsys):
+    base = ["--images", str(tiny_images), "--out", str(tmp_path / "out")]
+    assert main([*base, "--config", str(tiny_config), "--opt", "MODEL.DETR.ENC_LAYERS=abc"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--opt: invalid override: --opt MODEL.DETR.ENC_LAYERS='abc'" in err, err
+    assert main([*base, "--config", str(tiny_config), "--weights", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--weights {tmp_path}: is a folder, not a file" in err, err

@@ -97,7 +97,7 @@ def load_model(config: DetrConfig | str | Path | None = None, weights: str | Pat
             if overrides:
                 cfg = cfg.with_overrides(list(overrides))
         model = build_model(cfg)
-        load_weights(model, state)
+        load_weights(model, state, source=str(weights))
         return model.to(device).eval()
     if cfg is None:
         demo_cfg, demo_weights = DEMO_DIR / "config.yaml", DEMO_DIR / "model_final.pth"

@@ -64,9 +64,12 @@ def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        detail = next((ln.strip() for ln in str(exc).splitlines() if "Unsupported global" in ln
+        detail = next((ln.strip() for ln in str(exc).splitlines() if "global" in ln.lower()
                        or "Unsupported operand" in ln), "")
-        detail = f" ({detail})" if detail else ""
+        if not detail:  # not a pickle of Python objects at all (text, random bytes)
+            raise CheckpointError(f"{path}: cannot read checkpoint: not a torch.save file, or corrupt "
+                                  f"({' '.join(str(exc).split())[:200]})") from None
+        detail = f" ({detail})"
         raise CheckpointError(
             f"{path}: not a plain-tensor checkpoint; it holds Python objects that "
             f"torch.load(weights_only=True) refused for safety{detail}. If you trust the file, "
@@ -265,14 +268,15 @@ def _listing(title: str, items: list[str], n: int = 5) -> str:
 
 
 def load_weights(model: nn.Module, path_or_state_dict: str | Path | Mapping[str, Any],
-                 strict: bool = True) -> LoadReport:
+                 strict: bool = True, source: str | None = None) -> LoadReport:
     """Load DETR weights into ``model`` (our DETR, or a module holding it, e.g. ``.detr``).
 
     Accepts a file path or an already-loaded object in any supported layout. With ``strict`` any
     missing/unexpected key or shape conflict raises :class:`CheckpointMismatchError` (nothing is loaded);
     otherwise the matching tensors are loaded and the rest reported.
     """
-    raw, source = read_state_dict(path_or_state_dict)
+    raw, found = read_state_dict(path_or_state_dict)
+    source = source or found  # the file's path where the caller read it already
     sd, layout, ignored = normalize_state_dict(raw)
     prefix = _model_prefix(model)
     if prefix:
@@ -286,6 +290,8 @@ def load_weights(model: nn.Module, path_or_state_dict: str | Path | Mapping[str,
     if strict and not report.ok:
         hints = config_hints(infer_config_overrides(raw), _model_values(model))
         parts = [f"checkpoint {source} ({layout} layout) does not fit the model"]
+        if hints:  # first: the listings below can be long, the hint is what to do
+            parts.append("hint: " + "; ".join(hints))
         if missing:
             parts.append(_listing("missing keys", missing))
         if unexpected:
@@ -293,8 +299,6 @@ def load_weights(model: nn.Module, path_or_state_dict: str | Path | Mapping[str,
         if shapes:
             parts.append(_listing("shape conflicts",
                                   [f"{k} checkpoint {list(a)} vs model {list(b)}" for k, a, b in shapes]))
-        if hints:
-            parts.append("hint: " + "; ".join(hints))
         raise CheckpointMismatchError("\n  ".join(parts), missing, unexpected, shapes, hints)
     bad = {k for k, _, _ in shapes}
     to_load = {k: v for k, v in sd.items() if k in own and k not in bad}

@@ -8,6 +8,7 @@ inheritance and command-line style overrides, and keeps only what the DETR model
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -184,12 +185,43 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         raise ConfigError("overrides must be a sequence of strings, not one string")
     tree: dict[str, Any] = {} if path is None else _load_tree(Path(path), ())
     source = "defaults" if path is None else str(path)
+    given: dict[str, Any] = {}
     for key, value in _parse_overrides(overrides):
-        _set_key(tree, _override_key(key, tree), value)
-    return _from_tree(tree, source)
+        full = _override_key(key, tree)
+        _set_key(tree, full, value)
+        given[full] = value
+    return _from_tree(tree, source, given)
 
 
-def _from_tree(tree: Mapping[str, Any], source: str) -> DetrConfig:
+CHECKED_SECTIONS = ("MODEL", "MODEL.DETR", "MODEL.RESNETS", "INPUT")
+"""Sections whose keys are checked against detectron2's (a typo there would silently change the model)."""
+
+
+@functools.lru_cache(maxsize=1)
+def _known_keys() -> frozenset[str]:
+    text = (Path(__file__).resolve().parents[1] / "assets" / "detectron2_keys.txt").read_text()
+    listed = {line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")}
+    return frozenset(listed | set(KEY_FIELDS))
+
+
+def _check_keys(tree: Mapping[str, Any], source: str, prefix: str = "") -> None:
+    """Refuse unknown keys in :data:`CHECKED_SECTIONS`, naming the closest valid one (as detectron2 does)."""
+    known = _known_keys()
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if prefix[:-1] in CHECKED_SECTIONS and path not in known:
+            siblings = [k for k in known if k.rsplit(".", 1)[0] == prefix[:-1]]
+            close = difflib.get_close_matches(path, siblings, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"{source}: unknown config key {path}{hint}")
+        if isinstance(value, Mapping) and path in CHECKED_SECTIONS:
+            _check_keys(value, source, f"{path}.")
+
+
+def _from_tree(tree: Mapping[str, Any], source: str,
+               overridden: Mapping[str, Any] | None = None) -> DetrConfig:
+    """The config of a merged tree; an invalid value names where it came from (``--opt`` or the file)."""
+    overridden = overridden or {}
     values: dict[str, Any] = {}
     for name, key in FIELD_KEYS.items():
         found, value = _get_key(tree, key)
@@ -198,19 +230,22 @@ def _from_tree(tree: Mapping[str, Any], source: str) -> DetrConfig:
     try:
         return DetrConfig(**values)
     except ValidationError as exc:
-        lines = []
+        lines, from_opt = [], False
         for err in exc.errors():
             loc = err.get("loc", ())
             field = str(loc[0]) if loc else ""
             key = FIELD_KEYS.get(field, field)
             msg = err.get("msg", "")
+            from_opt = from_opt or key in overridden
             if err.get("type") == "value_error":
                 msg = msg.removeprefix("Value error, ")
                 lines.append(msg)
             else:
                 got = values.get(field, err.get("input"))
-                lines.append(f"{key}: {msg} (got {got!r})")
-        raise ConfigError(f"invalid config ({source}): " + "; ".join(lines)) from None
+                where = f"--opt {key}={overridden[key]!r}" if key in overridden else key
+                lines.append(f"{where}: {msg} (got {got!r})")
+        origin = "invalid override" if from_opt and len(lines) == 1 else f"invalid config ({source})"
+        raise ConfigError(f"{origin}: " + "; ".join(lines)) from None
 
 
 def _load_tree(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
@@ -222,6 +257,7 @@ def _load_tree(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     if resolved in chain:
         raise ConfigError("circular _BASE_ chain: " + " -> ".join(str(p) for p in (*chain, resolved)))
     data = load_mapping(path, str(path), ConfigError)
+    _check_keys(data, str(path))  # per file: the error names the file that holds the key
     base = data.pop("_BASE_", None)
     if base is None:
         return data

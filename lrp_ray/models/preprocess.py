@@ -13,11 +13,10 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = ["ImageBatch", "ImageReadError", "read_image", "preprocess", "resize_shape",
-           "MAX_IMAGE_PIXELS", "MIN_IMAGE_SIDE"]
+           "MAX_IMAGE_PIXELS"]
 
 MAX_IMAGE_PIXELS = 50_000_000
 """Images with more pixels are refused as possible decompression bombs."""
-MIN_IMAGE_SIDE = 32
 """Images with a side shorter than this are refused (nothing left after the stride-32 backbone)."""
 
 
@@ -79,8 +78,8 @@ def read_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarr
     Grayscale, palette, CMYK and 16-bit images are converted to 8-bit RGB (16-bit scaled by 255/65535).
     Transparency is flattened onto a white background. A malformed EXIF block is ignored (no rotation).
     Raises :class:`ImageReadError` for missing,
-    unreadable, corrupt or truncated files, non-images, images over ``max_pixels`` (possible
-    decompression bombs) and images with a side under ``MIN_IMAGE_SIDE``.
+    unreadable, corrupt or truncated files, non-images and images over ``max_pixels`` (possible
+    decompression bombs). Small images are fine: :func:`preprocess` resizes them like detectron2.
     """
     p = Path(path)
     if not p.exists():
@@ -114,9 +113,6 @@ def read_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarr
         if "truncated" in msg.lower():
             raise ImageReadError(f"truncated image file ({msg})", p) from None
         raise ImageReadError(f"corrupt or unreadable image ({msg})", p) from None
-    h, w = arr.shape[:2]
-    if min(h, w) < MIN_IMAGE_SIDE:
-        raise ImageReadError(f"image too small ({w}x{h}); each side must be at least {MIN_IMAGE_SIDE} px", p)
     return arr
 
 

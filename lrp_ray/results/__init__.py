@@ -37,6 +37,7 @@ from .manifest import (
     read_manifest,
     write_manifest,
 )
+from .names import image_name, image_path, image_text
 from .schema import (
     COLUMNS,
     CONSERVATION_PARTS,
@@ -54,6 +55,7 @@ from .schema import (
 )
 
 __all__ = [
+    "image_text", "image_name", "image_path",
     "SCHEMA_VERSION", "SCHEMA", "FRAME_SCHEMA", "FRAME_COLUMNS", "PARTITION_SCHEMA", "COLUMNS", "Column",
     "CONSERVATION_PARTS", "CONSERVATION_COLUMNS", "backbone_stride", "result_to_table", "result_frame",
     "table_to_frame", "empty_frame",

@@ -37,9 +37,24 @@ def relevance_dir(out: str | Path) -> Path:
 
 
 def part_files(out: str | Path) -> list[Path]:
-    """The complete part files of a results folder (or its dataset folder), sorted."""
+    """The complete part files of a results folder (or its dataset folder), sorted. Where the folder's
+    manifest names its request (``spec_hash``), only that request's parts count (their names end with
+    it): parts another request left there are never read."""
     root = relevance_dir(out)
-    return sorted(root.glob(PART_GLOB)) if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    files = sorted(root.glob(PART_GLOB))
+    tag = _request_tag(root)
+    return [f for f in files if f.name.endswith(f"-{tag}.parquet")] if tag else files
+
+
+def _request_tag(root: Path) -> str | None:
+    from .manifest import read_manifest
+
+    manifest = read_manifest(root.parent) if root.name == DATASET_NAME else None
+    if manifest is None or manifest.version < 2 or not manifest.spec_hash:
+        return None
+    return manifest.spec_hash
 
 
 def _keys(path: Path) -> tuple[str, int]:

@@ -63,6 +63,8 @@ class Counts(_Part):
     items_skipped_resume: int | None = None
     items_run: int | None = None
     items_failed: int | None = None
+    items_missing: int | None = Field(None, description="planned parts not found (or short) on disk at the "
+                                                         "end: 'complete' only when 0")
     maps_total: int | None = None
     maps_run: int | None = None
     rows_written_this_run: int | None = None
@@ -76,8 +78,9 @@ class PeakMemory(_Part):
 
 class HeatmapsInfo(_Part):
     dir: str
-    files: int
-    seconds: float
+    files: int = 0
+    seconds: float = 0.0
+    error: str | None = Field(None, description="why the requested heatmaps were not (all) rendered")
 
 
 class Manifest(_Part):
@@ -109,6 +112,8 @@ class Manifest(_Part):
     profile_names: dict[str, list[str]] = Field(default_factory=dict, description="'module/layer' -> "
                                                                                   "names of the profile")
     heatmaps: HeatmapsInfo | None = None
+    history: list[dict[str, Any]] = Field(default_factory=list, description="earlier runs into this "
+                                          "folder, oldest first: status, run, counts, timings")
 
     def detr_config(self) -> dict[str, Any] | None:
         """The model config the results were computed with (``model.config``, else the result spec's)."""

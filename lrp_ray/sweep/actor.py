@@ -71,40 +71,45 @@ def enforce_cache_budget(caches: OrderedDict, budget: int, stats: dict) -> int:
 class LrpWorker:
     """One per GPU (or per ``cpus_per_actor`` CPUs). Methods run one at a time, except :meth:`ping`."""
 
-    def __init__(self, cfg: Any, state_box: list, engine_opts: dict, threads: int,
-                 cache_budget_bytes: int) -> None:
-        from lrp_ray.lrp import EngineConfig, LrpEngine
-        from lrp_ray.models import build_model, from_module
-
-        t0 = time.perf_counter()
+    def __init__(self, cfg: Any, engine_opts: dict, threads: int, cache_budget_bytes: int) -> None:
         torch.set_num_threads(max(1, int(threads)))
         device = engine_opts.get("device", "auto")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
-        model = build_model(cfg)
-        # the state dict's ref comes boxed in a list: the driver owns it for the whole sweep, so a restarted
-        # actor can fetch it again (Ray would otherwise warn about constructor args in the object store)
-        state = ray.get(state_box[0], timeout=600)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # read-only object-store arrays; load_state_dict copies them
-            sd = {k: torch.from_numpy(v) for k, v in state.items()}
-        model.load_state_dict(sd, strict=True)
-        del sd
-        model = model.to(device).eval()
         self.cfg = cfg
-        # the engine's chunking and folding are fixed by the request (never by this actor's budget), so any
-        # actor on any machine computes the same numbers for a work item
-        self.engine = LrpEngine(from_module(model), EngineConfig(**{**engine_opts, "device": device}))
+        self.engine_opts = {**engine_opts, "device": device}
+        self.engine: Any = None
         self.cache_budget = int(cache_budget_bytes)
         self.caches: OrderedDict[str, tuple[Any, dict]] = OrderedDict()
         self.stats = {"forwards": 0, "imports": 0, "exports": 0, "items": 0, "evictions": 0,
                       "derived_drops": 0, "max_caches": 0, "max_cache_bytes": 0, "max_derived_bytes": 0,
-                      "load_seconds": time.perf_counter() - t0, "decode_seconds": 0.0,
-                      "forward_seconds": 0.0, "import_seconds": 0.0, "relevance_seconds": 0.0,
-                      "table_seconds": 0.0}
+                      "load_seconds": 0.0, "decode_seconds": 0.0, "forward_seconds": 0.0,
+                      "import_seconds": 0.0, "relevance_seconds": 0.0, "table_seconds": 0.0}
         self.pid = os.getpid()
         self._t: dict[str, float] = dict.fromkeys(("decode", "forward", "import", "relevance", "table"), 0.0)
+
+    def _ensure_engine(self, weights_box: list) -> None:
+        """Build the model and its engine on first use. The weights come with every call (a reference,
+        fetched once): a restarted actor rebuilds from them, and nothing of the object store is a
+        constructor argument (which Ray cannot guarantee across restarts)."""
+        if self.engine is not None:
+            return
+        from lrp_ray.lrp import EngineConfig, LrpEngine
+        from lrp_ray.models import build_model, from_module
+
+        t0 = time.perf_counter()
+        model = build_model(self.cfg)
+        state = ray.get(weights_box[0], timeout=600)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # read-only object-store arrays; load_state_dict copies them
+            sd = {k: torch.from_numpy(v) for k, v in state.items()}
+        model.load_state_dict(sd, strict=True)
+        del sd, state
+        # the engine's chunking and folding are fixed by the request (never by this actor's budget), so any
+        # actor on any machine computes the same numbers for a work item
+        self.engine = LrpEngine(from_module(model.eval()), EngineConfig(**self.engine_opts))
+        self.stats["load_seconds"] = time.perf_counter() - t0
 
     # ----------------------------------------------------------------- health
     @ray.method(concurrency_group="ping")
@@ -175,10 +180,12 @@ class LrpWorker:
         return len(self.caches)
 
     # ----------------------------------------------------------------- work
-    def run_item(self, item: dict, image_names: list[str], images_box: list, cache_box: list | None) -> dict:
+    def run_item(self, weights_box: list, item: dict, image_names: list[str], images_box: list,
+                 cache_box: list | None) -> dict:
         """Rows of one work item as an Arrow table, plus where its forward cache came from."""
         from .writer import result_to_table
 
+        self._ensure_engine(weights_box)
         t0 = time.perf_counter()
         self._t = dict.fromkeys(("decode", "forward", "import", "relevance", "table"), 0.0)
         cache, meta, source = self._get_cache(item["batch_key"], images_box, cache_box)

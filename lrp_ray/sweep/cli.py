@@ -35,11 +35,13 @@ cluster is used ($RAY_ADDRESS), and a relative --out is resolved against $LRP_RA
 Exit codes:
   0  all work done, every image used
   1  all work done, but some images could not be used (see errors.csv)
-  2  bad request (unknown key, index out of range, missing files, ...); nothing was started
-  3  incomplete: some work items failed or no worker was left; run the same command again to resume
+  2  bad request (unknown key, index out of range, missing files, OUT in use by another sweep, ...);
+     nothing was started
+  3  incomplete: some work items failed, no worker was left, a planned part is missing from OUT or
+     requested heatmaps failed; run the same command again to resume
   4  results could not be written (disk full, read-only or blocked OUT); what OUT holds is complete
      (no partial files): fix the cause, then run the same command again to resume
-  130 interrupted (Ctrl-C); run the same command again to resume
+  130 interrupted (Ctrl-C or SIGTERM); run the same command again to resume
 """
 
 

@@ -83,6 +83,17 @@ def connect(address: str | None) -> tuple[bool, str]:
             signal.signal(signal.SIGTERM, on_term)
 
 
+def _check_local_fit(n: int, opts: dict, cpus: float, gpus: float) -> None:
+    """A private local Ray instance never grows: refuse actors it can never start (they would wait)."""
+    need_cpu, need_gpu = n * opts["num_cpus"], n * opts["num_gpus"]
+    if need_cpu > cpus + 1e-9 or need_gpu > gpus + 1e-9:
+        have = f"{cpus:g} CPU(s)" + (f" and {gpus:g} GPU(s)" if opts["num_gpus"] else "")
+        want = f"{need_cpu:g} CPU(s)" + (f" and {need_gpu:g} GPU(s)" if opts["num_gpus"] else "")
+        raise BadRequest(f"--actors {n} x --cpus-per-actor {opts['num_cpus']}"
+                         + (f" x --gpus-per-actor {opts['num_gpus']:g}" if opts["num_gpus"] else "")
+                         + f" needs {want}; this machine's Ray instance has {have}: ask for fewer")
+
+
 def actor_plan(spec: RunSpec, local: bool) -> tuple[int, dict, str]:
     """How many actors, their Ray options and their device, from the cluster's resources."""
     import ray
@@ -104,4 +115,6 @@ def actor_plan(spec: RunSpec, local: bool) -> tuple[int, dict, str]:
     else:
         n = max(1, int(cpus // spec.cpus_per_actor)) if spec.actors == "auto" else int(spec.actors)
         opts = {"num_cpus": spec.cpus_per_actor, "num_gpus": 0}
+    if local:
+        _check_local_fit(n, opts, cpus, gpus)
     return n, {**opts, "max_restarts": 3, "max_task_retries": 2}, device

@@ -78,9 +78,9 @@ def _start_fleet(prep: Prepared, n: int, opts: dict, device: str, log_fn: Callab
     run = prep.run
     engine_opts = {"rules": prep.spec.rules, "epsilon": prep.spec.epsilon, "precision": prep.spec.precision,
                    "device": device, "compile": run.compile}
-    args = (prep.model_cfg, [ray.put(prep.state)], engine_opts, run.cpus_per_actor,
-            2 * (int(run.cache_budget_mb) << 20))
-    fleet = Fleet(LrpWorker, opts, args, RetryPolicy.from_run(run, n), log_fn, on_event)
+    args = (prep.model_cfg, engine_opts, run.cpus_per_actor, 2 * (int(run.cache_budget_mb) << 20))
+    policy = RetryPolicy.from_run(run, n)
+    fleet = Fleet(LrpWorker, opts, args, [ray.put(prep.state)], policy, log_fn, on_event)
     fleet.start(n)
     return fleet
 
@@ -93,14 +93,49 @@ def _base_manifest(prep: Prepared, status: str) -> dict:
         "model": {"dims": prep.dims, "config": prep.result.model},
         "selection": {"layers": {m: format_indices(v) for m, v in prep.result.layers.items()},
                       "features": prep.result.features, "queries": prep.result.queries},
-        "duplicate_images": prep.duplicates,
+        "duplicate_images": prep.duplicates, "history": _history(prep),
     }
+
+
+def _history(prep: Prepared) -> list[dict]:
+    """Earlier runs into this folder (a resumed one keeps the record of every run before it)."""
+    old = prep.old_manifest
+    if not prep.resumed or old is None:
+        return []
+    last = {"status": old.status, "run_spec": old.run_spec,
+            "run": old.run.model_dump(mode="json") if old.run else None,
+            "counts": old.counts.model_dump(mode="json") if old.counts else None, "timings": old.timings}
+    return [*old.history, last]
+
+
+def _already_complete(prep: Prepared, sink: ResultSink, todo: list, log_fn: Callable[[str], None]) -> bool:
+    """Nothing to compute or render in a folder whose manifest says complete (and its parts agree): the
+    run is reported without writing anything (so this works on read-only storage too)."""
+    old = prep.old_manifest
+    if todo or not prep.resumed or old is None or old.status != "complete":
+        return False
+    if prep.run.heatmaps and (old.heatmaps is None or old.heatmaps.error):
+        return False
+    if not (prep.out / "summary.csv").is_file() or sink.missing(prep.plan.items):
+        return False
+    log_fn(f"results: {prep.out}")
+    log_fn(f"already complete: all {len(prep.plan.items)} work items are in OUT; nothing to compute")
+    return True
 
 
 def execute(prep: Prepared, *, log_fn: Callable[[str], None] = print, progress: bool | None = None,
             on_event: Callable[..., None] | None = None) -> SweepResult:
     """Run the prepared sweep. A result file that cannot be written stops it with ``EXIT_OUTPUT``; nothing
-    partial is left and the same request resumes once OUT is writable again."""
+    partial is left and the same request resumes once OUT is writable again. 'complete' is declared only
+    when every planned part is on disk with its rows. The lock on OUT is released on every exit path."""
+    try:
+        return _execute(prep, log_fn, progress, on_event)
+    finally:
+        prep.release()
+
+
+def _execute(prep: Prepared, log_fn: Callable[[str], None], progress: bool | None,
+             on_event: Callable[..., None] | None) -> SweepResult:
     from .loop import SweepLoop
 
     t_start = time.perf_counter()
@@ -109,6 +144,9 @@ def execute(prep: Prepared, *, log_fn: Callable[[str], None] = print, progress: 
     finished = set() if run.overwrite else sink.finished()
     todo = [it for it in prep.plan.items if it.part_relpath not in finished]
     maps_before = sum(it.n_maps for it in prep.plan.items if it.part_relpath in finished)
+    if _already_complete(prep, sink, todo, log_fn):
+        manifest = prep.old_manifest.model_dump(mode="json")
+        return SweepResult(out, EXIT_IMAGES_FAILED if prep.errors else EXIT_OK, manifest, prep.errors, {})
     fleet, loop, shutdown, desc, device, nodes = None, None, False, "nothing to compute", None, []
     status, exit_code, output_error, actors_info = "complete", EXIT_OK, None, []
     t_ray = time.perf_counter()
@@ -159,6 +197,11 @@ def execute(prep: Prepared, *, log_fn: Callable[[str], None] = print, progress: 
 
             ray.shutdown()
 
+    missing = sink.missing(prep.plan.items) if status == "complete" else []
+    if missing:
+        status, exit_code = "incomplete", EXIT_INCOMPLETE
+        log_fn(f"sweep incomplete: {len(missing)} planned part(s) are not in {sink.dataset} (first: "
+               f"{missing[0]}); run the same command again to compute them")
     t_sum = time.perf_counter()
     summary = None
     if status not in ("interrupted", "output_error"):
@@ -172,6 +215,8 @@ def execute(prep: Prepared, *, log_fn: Callable[[str], None] = print, progress: 
             log_fn(f"sweep stopped: {output_error}")
     t_sum = time.perf_counter() - t_sum
     heatmaps = _render_heatmaps(prep, log_fn) if run.heatmaps and status == "complete" else None
+    if heatmaps and heatmaps.get("error"):  # a requested step that failed: not complete
+        status, exit_code = "incomplete", EXIT_INCOMPLETE
     if exit_code == EXIT_OK and prep.errors:
         exit_code = EXIT_IMAGES_FAILED
     failed_items = dict(loop.failed) if loop else {}
@@ -189,6 +234,7 @@ def execute(prep: Prepared, *, log_fn: Callable[[str], None] = print, progress: 
             "images_failed": len(prep.errors), "batches": len(prep.plan.batches),
             "items_total": len(prep.plan.items), "items_skipped_resume": len(prep.plan.items) - len(todo),
             "items_run": len(loop.done) if loop else 0, "items_failed": len(failed_items),
+            "items_missing": len(missing),
             "maps_total": prep.plan.total_maps, "maps_run": stats.get("maps", 0),
             "rows_written_this_run": sink.rows, "summary_rows": None if summary is None else len(summary),
         },
@@ -239,22 +285,21 @@ def _timings(prep: Prepared, ray_start: float, sweep: float, summary: float, loo
     return {k: round(float(v), 3) for k, v in out.items()}
 
 
-def _render_heatmaps(prep: Prepared, log_fn: Callable[[str], None]) -> dict | None:
-    """OUT/heatmaps: overlays of the top images per module/layer/feature (lrp_ray.viz)."""
-    try:
-        from lrp_ray.viz import write_top_heatmaps
-    except ImportError as exc:
-        log_fn(f"--heatmaps: the heatmap renderer is not available ({one_line(exc)}); skipped")
-        return None
+def _render_heatmaps(prep: Prepared, log_fn: Callable[[str], None]) -> dict:
+    """OUT/heatmaps: overlays of the top images per module/layer/feature (lrp_ray.viz); ``error`` says
+    why they were not rendered."""
+    where = str(prep.out / "heatmaps")
     t0 = time.perf_counter()
     try:
+        from lrp_ray.viz import write_top_heatmaps
+
         written = write_top_heatmaps(prep.out, prep.image_root, top_n=3)
     except Exception as exc:
         log_fn(f"--heatmaps: rendering failed: {one_line(exc)}")
-        return None
-    log_fn(f"heatmaps: {len(written)} images in {prep.out / 'heatmaps'}")
-    return {"dir": str(prep.out / "heatmaps"), "files": len(written),
-            "seconds": round(time.perf_counter() - t0, 3)}
+        seconds = round(time.perf_counter() - t0, 3)
+        return {"dir": where, "files": 0, "error": one_line(exc), "seconds": seconds}
+    log_fn(f"heatmaps: {len(written)} images in {where}")
+    return {"dir": where, "files": len(written), "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def _final_table(log_fn: Callable[[str], None], prep: Prepared, manifest: dict, summary: Any) -> None:

@@ -64,12 +64,13 @@ class Fleet:
     """Actors of one sweep. ``poll`` returns finished attempts, and the actors whose caches are gone
     (restarted, replaced or silent) with the work items they had queued."""
 
-    def __init__(self, actor_cls: Any, options: dict, args: tuple, policy: RetryPolicy,
+    def __init__(self, actor_cls: Any, options: dict, args: tuple, model_box: list, policy: RetryPolicy,
                  log: Callable[[str], None], on_event: Callable[..., None] | None = None) -> None:
         import ray
 
         self.ray = ray
         self._cls, self._opts, self._args = actor_cls, options, args
+        self._model_box = model_box  # the weights' object ref, sent with every item (see LrpWorker)
         self.policy = policy
         self.log = log
         self.on_event = on_event or (lambda *a, **k: None)
@@ -119,7 +120,7 @@ class Fleet:
     # ------------------------------------------------------------------ work
     def submit(self, idx: int, uid: str, *args: Any) -> None:
         a = self.actors[idx]
-        a.queued[a.handle.run_item.remote(*args)] = uid
+        a.queued[a.handle.run_item.remote(self._model_box, *args)] = uid
 
     def export(self, idx: int, key: str) -> Any:
         return self.actors[idx].handle.export_cache.remote(key)

@@ -12,11 +12,14 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from lrp_ray.results import image_path, image_text
 
 from .spec import BadRequest
 from .writer import atomic_path
@@ -35,7 +38,8 @@ class ImageSet:
     source: str
 
     def path(self, name: str) -> Path:
-        return self.root / name
+        """The file of a (stored, text-form) image name."""
+        return image_path(self.root, name)
 
 
 @dataclass(frozen=True)
@@ -71,47 +75,101 @@ def _under(path: Path, folder: Path | None) -> bool:
         return False
 
 
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """A regex for a relative glob (``**`` any folders, ``*``/``?`` within a name, ``[...]`` classes)."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 2:]:
+            j = pattern.index("]", i + 2)
+            body = pattern[i + 1:j]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+            i = j + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out))
+
+
+def _walk(root: Path, exclude: Path | None) -> list[str]:
+    """Image names under ``root`` (relative, posix), following folder links but entering every real
+    folder once (a link loop such as ``sub/up -> ..`` ends there) and naming every real file once (its
+    first name in sorted order)."""
+    seen_dirs: set[tuple[int, int]] = set()
+    seen_files: set[tuple[int, int]] = set()
+    names: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            dirnames[:] = []
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not _under(Path(dirpath) / d, exclude))
+        for f in sorted(filenames):
+            if not _is_image_name(f):
+                continue
+            path = Path(dirpath) / f
+            try:
+                fst = os.stat(path)
+                key = (fst.st_dev, fst.st_ino)
+            except OSError:  # a dangling link: kept, validation reports it
+                key = (-1, len(names))
+            if key in seen_files:
+                continue
+            seen_files.add(key)
+            names.append(image_text(path.relative_to(root).as_posix()))
+    return sorted(names)
+
+
 def discover(images: str, exclude: Path | None = None) -> ImageSet:
     """Images of a folder (recursive), a glob (``**`` recursive) or a single file; sorted by name.
 
-    Files under ``exclude`` (the output folder: heatmaps, cached images) are never inputs.
-    Raises :class:`BadRequest` for a missing folder, a glob matching nothing, or no image files.
+    Folder and glob modes walk the same way: folder links are followed, every real folder is entered
+    once (link loops end) and every real file is named once. Files under ``exclude`` (the output folder:
+    heatmaps, cached images) are never inputs. Raises :class:`BadRequest` for a missing folder, a glob
+    matching nothing, or no image files.
     """
     exclude = Path(os.path.abspath(exclude)) if exclude is not None else None
     text = os.path.expanduser(str(images))
     exts = "/".join(e[1:] for e in IMAGE_EXTENSIONS)
     if _has_magic(text):
         parts = Path(text).parts
-        static = []
+        static: list[str] = []
         for part in parts:
             if _has_magic(part):
                 break
             static.append(part)
         root = Path(*static) if static else Path(".")
-        found = [Path(p) for p in glob.glob(text, recursive=True)]
-        files = [p for p in found if not p.is_dir() and _is_image_name(p.name) and not _under(p, exclude)]
-        if not files:
+        rest = Path(*parts[len(static):]).as_posix()
+        pattern = _glob_regex(rest)
+        names = [n for n in _walk(root, exclude) if pattern.fullmatch(n)] if root.is_dir() else []
+        if not names:
             raise BadRequest(f"--images {images}: the glob matches no image files ({exts})")
-        names = sorted({p.relative_to(root).as_posix() for p in files})
         return ImageSet(root.resolve(), names, str(images))
     p = Path(text)
     if p.is_file() or (p.is_symlink() and not p.exists()):
         if not _is_image_name(p.name):
             raise BadRequest(f"--images {images}: not an image file name ({exts})")
-        return ImageSet(p.parent.resolve(), [p.name], str(images))
+        return ImageSet(p.parent.resolve(), [image_text(p.name)], str(images))
     if not p.exists():
         raise BadRequest(f"--images {images}: no such folder or file")
     if not p.is_dir():
         raise BadRequest(f"--images {images}: not a folder, file or glob")
-    names = []
-    for dirpath, dirnames, filenames in os.walk(p):
-        dirnames[:] = sorted(d for d in dirnames if not _under(Path(dirpath) / d, exclude))
-        for f in filenames:
-            if _is_image_name(f):
-                names.append((Path(dirpath) / f).relative_to(p).as_posix())
+    names = _walk(p, exclude)
     if not names:
         raise BadRequest(f"--images {images}: the folder holds no image files ({exts}, searched recursively)")
-    return ImageSet(p.resolve(), sorted(names), str(images))
+    return ImageSet(p.resolve(), names, str(images))
 
 
 def _check_one(image_set: ImageSet, name: str) -> ImageInfo | ImageError:

@@ -91,12 +91,19 @@ class SweepLoop:
     def _open(self, a: Assignment) -> bool:
         """Ship the batch's images (read on the driver) into the object store; fail the batch if it can't."""
         from lrp_ray.models import read_image
+        from lrp_ray.results import image_path
 
         t0 = time.perf_counter()
-        try:
-            images = [read_image(self.prep.image_root / name) for name in a.batch.images]
-        except Exception as exc:  # an image changed or vanished since it was validated
-            reason = f"cannot read the batch's images: {one_line(exc)}"
+        images, unreadable = [], []
+        for name in a.batch.images:
+            try:
+                images.append(read_image(image_path(self.prep.image_root, name)))
+            except Exception as exc:  # changed or vanished since it was validated
+                unreadable.append(f"{name} ({getattr(exc, 'reason', None) or one_line(exc, 200)})")
+        if unreadable:
+            # the batch's composition is part of the request (DETR pads a batch to its largest image), so
+            # its items fail, naming the image; validation on the next run reports it in errors.csv
+            reason = f"image changed or vanished since it was checked: {'; '.join(unreadable)}"
             first = self.placement.failed(a.item)
             items, closed = self.placement.fail_batch(a.batch.index)
             for it in [a.item, *items]:

@@ -1,7 +1,7 @@
 """The sweep plan: image batches and work items keyed by (image batch, module, layer, feature chunk).
 
 A work item is idempotent: computing it twice gives the same rows, written to the same part file
-``relevance/module=<m>/layer=<l>/part-<key>.parquet``. The key holds no image name.
+``relevance/module=<m>/layer=<l>/part-<key>-<request digest>.parquet``. The key holds no image name.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ class WorkItem:
     features: tuple[int, ...]
     n_images: int
     targets_per_feature: int
+    tag: str = ""
+    """The request's digest: part files carry it, so parts of another request are never counted."""
 
     @property
     def key(self) -> str:
@@ -48,7 +50,8 @@ class WorkItem:
 
     @property
     def part_relpath(self) -> str:
-        return f"module={self.module}/layer={self.layer}/part-{self.key}.parquet"
+        tag = f"-{self.tag}" if self.tag else ""
+        return f"module={self.module}/layer={self.layer}/part-{self.key}{tag}.parquet"
 
     def label(self, n_batches: int) -> str:
         """The seed's log style: ``encoder layer 5, features 0-63, batch 3/33 (4 images)``."""
@@ -77,7 +80,7 @@ class Plan:
 
 
 def make_plan(images: list[str], batch_size: int, layers: dict[str, list[int]], features: list[int],
-              feature_chunk: int | str, targets_per_feature: dict[str, int]) -> Plan:
+              feature_chunk: int | str, targets_per_feature: dict[str, int], tag: str = "") -> Plan:
     """Batches of ``batch_size`` images in name order; per batch, every (module, layer, feature chunk).
 
     ``targets_per_feature``: rows per image and feature (1 for the encoder; selected queries for the decoder).
@@ -92,5 +95,5 @@ def make_plan(images: list[str], batch_size: int, layers: dict[str, list[int]], 
             for layer in module_layers:
                 for ci, feats in enumerate(chunks):
                     items.append(WorkItem(b.index, module, layer, ci, feats, len(b.images),
-                                          targets_per_feature[module]))
+                                          targets_per_feature[module], tag))
     return Plan(batches, items, layers, features, size)

@@ -26,6 +26,7 @@ from .images import (
     write_synthetic_images,
 )
 from .indices import check_queries, format_indices, resolve_indices, targets_per_feature
+from .lock import LOCK_NAME, OutputLock
 from .plan import Plan, make_plan
 from .sink import OWNED_NAMES, read_manifest
 from .spec import ResultSpec, RunSpec, SweepSpec
@@ -58,6 +59,13 @@ class Prepared:
     resumed: bool
     old_manifest: Any = None
     timings: dict[str, float] = field(default_factory=dict)
+    lock: OutputLock | None = None
+    """The lock on OUT, held from the end of :func:`prepare` to the end of ``execute``."""
+
+    def release(self) -> None:
+        """Give up OUT (``execute`` does this when it ends; call it to drop a prepared sweep unrun)."""
+        if self.lock is not None:
+            self.lock.release()
 
 
 def in_ray_job() -> bool:
@@ -96,10 +104,10 @@ def _load_model(spec: SweepSpec, log_fn: Callable[[str], None]) -> Any:
 
     from lrp_ray.models import load_model
 
-    if spec.config is not None and not Path(spec.config).expanduser().is_file():
-        raise BadRequest(f"--config {spec.config}: file not found")
-    if spec.weights is not None and not Path(spec.weights).expanduser().is_file():
-        raise BadRequest(f"--weights {spec.weights}: file not found")
+    for flag, value in (("--config", spec.config), ("--weights", spec.weights)):
+        if value is not None and not Path(value).expanduser().is_file():
+            what = "is a folder, not a file" if Path(value).expanduser().is_dir() else "file not found"
+            raise BadRequest(f"{flag} {value}: {what}")
     try:
         with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -114,9 +122,11 @@ def _load_model(spec: SweepSpec, log_fn: Callable[[str], None]) -> Any:
         what = "model"
         if spec.weights and "heckpoint" in kind:
             what = "--weights"
+        elif "Config" in kind and str(exc).startswith("invalid override"):
+            what = "--opt"
         elif spec.config and "Config" in kind and str(Path(spec.config).expanduser()) in str(exc):
             what = "--config"
-        raise BadRequest(f"{what}: {one_line(exc)}") from None
+        raise BadRequest(f"{what}: {one_line(exc, 1200)}") from None
 
 
 def _file_sha(path: str | None) -> str | None:
@@ -147,7 +157,7 @@ def _schema_version() -> int:
 def _check_out(out: Path, run: RunSpec) -> Any:
     """OUT may be new, empty, or hold an earlier sweep of ours (resume) unless --overwrite."""
     manifest = read_manifest(out)
-    nonempty = out.is_dir() and any(out.iterdir())
+    nonempty = out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir())
     if nonempty and manifest is None and not run.overwrite:
         ours = [n for n in OWNED_NAMES if (out / n).exists()]
         what = "results of an unfinished or unknown sweep" if ours else "other files"
@@ -197,10 +207,6 @@ def prepare(spec: SweepSpec, log_fn: Callable[[str], None] = print) -> Prepared:
     per_feature = {"encoder": 1}
     if queries is not None:
         per_feature["decoder"] = targets_per_feature(queries, dims["num_queries"])
-    t3 = time.perf_counter()
-    plan = make_plan([i.name for i in ok], spec.batch_size, layers, features, spec.item_features, per_feature)
-    timings["plan"] = time.perf_counter() - t3
-
     result = ResultSpec(
         schema_version=_schema_version(), model=cfg.model_dump(mode="json"),
         weights_sha256=_file_sha(spec.weights), numerics=numerics,
@@ -208,15 +214,31 @@ def prepare(spec: SweepSpec, log_fn: Callable[[str], None] = print) -> Prepared:
         features=format_indices(features), queries=queries, item_features=spec.item_features,
         rules=spec.rules, epsilon=spec.epsilon, precision=spec.precision)
     digest = result.digest()
-    resumed = False
-    if manifest is not None and not run.overwrite:
-        if manifest.spec_hash != digest:
-            diff = result.differences(manifest.result_spec)
-            raise BadRequest(f"--out {out}: holds results of a different sweep (differs in: "
-                             f"{', '.join(diff)}); use another --out or pass --overwrite")
-        resumed = True
+    t3 = time.perf_counter()
+    plan = make_plan([i.name for i in ok], spec.batch_size, layers, features, spec.item_features, per_feature,
+                     tag=digest)
+    timings["plan"] = time.perf_counter() - t3
+
+    lock = OutputLock(out).acquire()  # from here on this process owns OUT, until execute() ends
+    try:
+        manifest = _check_out(out, run)  # again, under the lock: another run may have finished meanwhile
+        resumed = _resumable(out, run, manifest, result, digest)
+    except BaseException:
+        lock.release()
+        raise
     timings["prepare"] = time.perf_counter() - t0
     return Prepared(spec=spec, run=run, result=result, hash=digest, out=out, out_note=note,
                     image_root=image_set.root, images=ok, errors=bad, duplicates=duplicate_groups(ok),
                     model_cfg=cfg, state=state, dims=dims, plan=plan, resumed=resumed,
-                    old_manifest=manifest, timings=timings)
+                    old_manifest=manifest, timings=timings, lock=lock)
+
+
+def _resumable(out: Path, run: RunSpec, manifest: Any, result: ResultSpec, digest: str) -> bool:
+    """Whether OUT holds earlier results of this very request (refused when it holds another's)."""
+    if manifest is None or run.overwrite:
+        return False
+    if manifest.spec_hash != digest:
+        diff = result.differences(manifest.result_spec)
+        raise BadRequest(f"--out {out}: holds results of a different sweep (differs in: {', '.join(diff)}); "
+                         "use another --out or pass --overwrite")
+    return True

@@ -18,17 +18,25 @@ class TextProgress:
         self.total, self.n, self.log, self.every = total, initial, log_fn, every
         self.start_n, self.t0 = initial, time.monotonic()
         self.last = self.t0
+        self.first: tuple[float, int] | None = None
 
     def update(self, n: int) -> None:
         self.n += n
         now = time.monotonic()
+        if self.first is None:
+            self.first = (now, self.n)
         if now - self.last >= self.every or self.n >= self.total:
             self.last = now
             self.log(self.line(now))
 
     def line(self, now: float) -> str:
-        rate = (self.n - self.start_n) / max(now - self.t0, 1e-9)
-        eta = (self.total - self.n) / rate if rate > 0 else float("nan")
+        """Done/total, and a rate and ETA measured from the first finished item on (actor start-up and
+        model loading would make an early ETA meaningless: it shows ``?`` until two items are in)."""
+        if self.first is None or self.n == self.first[1]:
+            rate, eta = 0.0, float("nan")
+        else:
+            rate = (self.n - self.first[1]) / max(now - self.first[0], 1e-9)
+            eta = (self.total - self.n) / rate
         eta_txt = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
         return (f"progress: {self.n}/{self.total} maps ({100.0 * self.n / max(self.total, 1):.1f}%), "
                 f"{rate:.1f} maps/s, ETA {eta_txt}")

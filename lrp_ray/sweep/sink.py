@@ -85,6 +85,19 @@ class ResultSink:
         self.rows += table.num_rows
         return True
 
+    def missing(self, items: list[WorkItem]) -> list[str]:
+        """Planned parts that are not on disk with their rows (what 'complete' is checked against)."""
+        import pyarrow.parquet as pq
+
+        bad = []
+        for it in items:
+            try:
+                if pq.read_metadata(self.dataset / it.part_relpath).num_rows != it.n_maps:
+                    bad.append(it.part_relpath)
+            except (OSError, ValueError):
+                bad.append(it.part_relpath)
+        return bad
+
     def write_manifest(self, data: dict) -> Any:
         """Validate ``data`` as a :class:`lrp_ray.results.Manifest` and write it atomically."""
         from lrp_ray.results import Manifest, write_manifest

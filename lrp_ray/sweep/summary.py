@@ -8,22 +8,28 @@ each selected query):
 - ``input_relevance_mean``/``input_relevance_std``: relevance that reaches the encoder input;
 - ``activation_mean``/``activation_std``: ``act_mean``; ``activation_max_mean``: mean of ``act_max``;
 - ``top5_images_by_activation`` (by ``act_mean``), ``top5_images_by_relevance`` (by ``input_relevance``):
-  image names joined by ``|``, best first (an image counts once, with its best row);
-- ``top10_channels``: input channels with the largest mean ``channel_relevance``, joined by ``|``.
+  lists of image names, best first (an image counts once, with its best row);
+- ``top10_channels``: list of the input channels with the largest mean ``channel_relevance``.
+
+``summary.parquet`` stores the lists as lists; ``summary.csv`` (for spreadsheets) writes them as JSON
+arrays, unambiguous whatever a name holds. In both CSV files a text cell that a spreadsheet would run as
+a formula (leading ``=``, ``+``, ``-``, ``@``, tab or CR) is prefixed with ``'``.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from lrp_ray.results import atomic_write_text, partitions, read_parts
+from lrp_ray.results import atomic_path, atomic_write_text, partitions, read_parts
 
 __all__ = ["write_summary", "write_errors", "summarize_partition", "SUMMARY_COLUMNS"]
 
@@ -63,9 +69,30 @@ class _Moments:
         return np.sqrt(self.m2 / self.n.where(self.n > 0, 1.0))
 
 
-def _top(best: pd.Series, feature: int, k: int) -> str:
+def _top(best: pd.Series, feature: int, k: int) -> list[str]:
     s = best.loc[feature].sort_index().sort_values(ascending=False, kind="stable")
-    return "|".join(s.index[:k].astype(str))
+    return [str(v) for v in s.index[:k]]
+
+
+LIST_COLUMNS = ("top5_images_by_activation", "top5_images_by_relevance", "top10_channels")
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value: object) -> object:
+    """A text cell that a spreadsheet would not run as a formula (numbers pass unchanged)."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
+def _csv_text(frame: pd.DataFrame) -> str:
+    out = frame.copy()
+    for c in out.columns:
+        if c in LIST_COLUMNS:
+            out[c] = out[c].map(lambda v: json.dumps(list(v), ensure_ascii=False))
+        elif out[c].dtype == object:
+            out[c] = out[c].map(csv_safe)
+    return out.to_csv(index=False)
 
 
 _CHUNK_BYTES = 64 << 20
@@ -137,7 +164,7 @@ def summarize_partition(files: list[Path], module: str, layer: int) -> pd.DataFr
             "activation_max_mean": mean["act_max"].loc[feature],
             "top5_images_by_activation": _top(act, feature, 5),
             "top5_images_by_relevance": _top(rel, feature, 5),
-            "top10_channels": "|".join(str(int(c)) for c in np.argsort(-mean_chan, kind="stable")[:10]),
+            "top10_channels": [int(c) for c in np.argsort(-mean_chan, kind="stable")[:10]],
         })
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
@@ -151,7 +178,9 @@ def write_summary(out: Path) -> pd.DataFrame:
     if len(summary):
         summary = summary.sort_values(["module", "layer", "feature"], key=lambda s: s.map(order) if s.name ==
                                       "module" else s, kind="stable").reset_index(drop=True)
-    atomic_write_text(out / "summary.csv", summary.to_csv(index=False))
+    with atomic_path(out / "summary.parquet") as tmp:
+        pq.write_table(pa.Table.from_pandas(summary, preserve_index=False), tmp)
+    atomic_write_text(out / "summary.csv", _csv_text(summary))
     return summary
 
 
@@ -161,5 +190,5 @@ def write_errors(out: Path, errors: list) -> None:
     w = csv.writer(buf)
     w.writerow(["image", "reason"])
     for e in errors:
-        w.writerow([e.name, e.reason])
+        w.writerow([csv_safe(e.name), csv_safe(e.reason)])
     atomic_write_text(out / "errors.csv", buf.getvalue())

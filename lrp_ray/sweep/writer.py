@@ -19,7 +19,8 @@ from lrp_ray.results import PART_GLOB, SCHEMA, atomic_path, atomic_write_text, r
 __all__ = ["SCHEMA", "result_to_table", "write_part", "done_keys", "clean_temp_files", "atomic_write_text",
            "atomic_path", "OWNED_NAMES", "clear_outputs"]
 
-OWNED_NAMES = ("relevance", "summary.csv", "errors.csv", "manifest.json", "heatmaps", "report.html", "_cache")
+OWNED_NAMES = ("relevance", "summary.csv", "summary.parquet", "errors.csv", "manifest.json", "heatmaps",
+               "report.html", "_cache")
 """What a sweep writes in OUT (and ``--overwrite`` deletes); anything else there is left alone."""
 
 
@@ -32,7 +33,8 @@ def write_part(dataset: Path, relpath: str, table: pa.Table) -> Path:
 
 
 def done_keys(dataset: Path) -> set[str]:
-    """``module=<m>/layer=<l>/part-<key>.parquet`` paths already written (finished work items)."""
+    """``module=<m>/layer=<l>/part-<key>-<digest>.parquet`` paths already written (finished work items;
+    a work item's path carries its request's digest, so parts of other requests never match)."""
     if not dataset.is_dir():
         return set()
     return {p.relative_to(dataset).as_posix() for p in dataset.glob(PART_GLOB)}

@@ -26,6 +26,8 @@ import numpy as np  # noqa: E402
 from matplotlib.cm import ScalarMappable  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 
+from lrp_ray.results import atomic_path, image_path  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 __all__ = ["overlay_png", "overlay_figure", "render_overlay", "figure_png", "write_top_heatmaps",
@@ -156,9 +158,8 @@ def overlay_png(image_rgb: np.ndarray, token_map, path: str | Path, title: str =
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = render_overlay(image_rgb, token_map, title, **kw)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:  # a failed write (disk full) leaves no temp file behind
+        tmp.write_bytes(data)
     return path
 
 
@@ -362,7 +363,7 @@ def write_top_heatmaps(out_dir: str | Path, images_root: str | Path | None = Non
         if r.image not in cache:
             if len(cache) > 64:
                 cache.clear()
-            cache[r.image] = _read_rgb(Path(images_root) / r.image)
+            cache[r.image] = _read_rgb(image_path(images_root, r.image))
         img = cache[r.image]
         if img is None:
             log.warning("heatmaps: cannot read image %s; skipped", r.image)
@@ -375,8 +376,7 @@ def write_top_heatmaps(out_dir: str | Path, images_root: str | Path | None = Non
                               width_px=width_px)
         for x in rs:
             path = dest / _safe(heatmap_name(x.module, x.layer, x.feature, x.kind, x.rank))
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(path)
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(data)
             written.append(path)
     return sorted(written)
