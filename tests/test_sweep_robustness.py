@@ -240,3 +240,17 @@ def test_an_image_that_vanishes_after_checking_fails_only_its_batch_naming_it(ra
     assert res.failed_items and all("c.png" in why for why in res.failed_items.values())
     assert set(load(tmp_path / "out").image) == {"a.png", "b.png"}
     assert not (tmp_path / "out" / LOCK_NAME).is_file() or not prep.lock.held  # released
+
+
+def test_actors_a_cluster_cannot_place_stop_the_sweep_in_bounded_time_naming_the_shortfall(
+        ray_session, tiny_images, tiny_config, tmp_path):
+    import time
+
+    lines: list[str] = []
+    t0 = time.monotonic()
+    res = run_sweep(tiny_spec(tmp_path / "out", tiny_images, tiny_config, actors=1, cpus_per_actor=3,
+                              start_timeout_s=3), log_fn=lines.append, progress=False)
+    assert time.monotonic() - t0 < 120
+    assert res.exit_code == 3 and res.manifest["status"] == "incomplete"
+    stop = [x for x in lines if x.startswith("sweep stopped: no actor started within 3s")]
+    assert stop and "each actor asks for 3 CPU(s); the cluster has 2 CPU(s)" in stop[0], lines

@@ -25,15 +25,13 @@ class RetryPolicy:
     max_system_retries: int = 10
     max_replacements: int = 2
     ping_timeout_s: float = 60.0
+    startup_timeout_s: float = 600.0
+    """How long a new actor may stay silent (model shipping, CUDA init, a GPU node booting)."""
 
     @classmethod
     def from_run(cls, run: RunSpec, n_actors: int) -> RetryPolicy:
-        return cls(run.max_item_retries, run.max_system_retries, max(2, 2 * n_actors), run.ping_timeout_s)
-
-    @property
-    def startup_timeout_s(self) -> float:
-        """How long a new actor may stay silent (model shipping, CUDA init, a GPU node booting)."""
-        return max(10 * self.ping_timeout_s, 600.0)
+        return cls(run.max_item_retries, run.max_system_retries, max(2, 2 * n_actors), run.ping_timeout_s,
+                   run.start_timeout_s)
 
 
 @dataclass(frozen=True)
@@ -116,6 +114,23 @@ class Fleet:
 
     def any_available(self) -> bool:
         return any(a.available and not a.dead for a in self.actors)
+
+    @property
+    def started_any(self) -> bool:
+        """Whether any actor has answered yet (it has a process, so its resources were found)."""
+        return any(a.started for a in self.actors)
+
+    def shortfall(self) -> str:
+        """What an actor asks of the cluster and what the cluster has (for a sweep no actor could join)."""
+        need = f"{self._opts.get('num_cpus', 0):g} CPU(s)"
+        if self._opts.get("num_gpus"):
+            need += f" and {self._opts['num_gpus']:g} GPU(s)"
+        try:
+            res = self.ray.cluster_resources()
+            have = f"{res.get('CPU', 0):g} CPU(s) and {res.get('GPU', 0):g} GPU(s)"
+        except Exception:
+            have = "unknown resources"
+        return f"each actor asks for {need}; the cluster has {have} in all"
 
     # ------------------------------------------------------------------ work
     def submit(self, idx: int, uid: str, *args: Any) -> None:
@@ -253,7 +268,8 @@ class Fleet:
     def final_info(self) -> list[dict]:
         """Each live actor's pid, node, device, counters and memory peaks (for the manifest)."""
         out = []
-        refs = {a.idx: a.handle.ping.remote() for a in self.actors if not a.dead and a.available}
+        live = [a for a in self.actors if not a.dead and a.available and a.started]
+        refs = {a.idx: a.handle.ping.remote() for a in live}
         for idx, ref in refs.items():
             try:
                 info = self.ray.get(ref, timeout=10)

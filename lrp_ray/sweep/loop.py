@@ -47,8 +47,11 @@ class SweepLoop:
     # ------------------------------------------------------------------ the loop
     def run(self) -> None:
         stall_limit = max(600.0, 10 * float(self.policy.ping_timeout_s))
-        t_progress = time.monotonic()
+        t_progress = t_start = time.monotonic()
         while self.placement.remaining > 0:
+            if not self.fleet.started_any and time.monotonic() - t_start > self.policy.startup_timeout_s:
+                raise SweepFailed(f"no actor started within {self.policy.startup_timeout_s:.0f}s: "
+                                  f"{self.fleet.shortfall()} (start_timeout_s)")
             self._fill()
             if not self.fleet.alive:
                 raise SweepFailed(f"no worker actors left (last error: {self.fleet.last_death})")

@@ -130,6 +130,9 @@ class RunSpec(BaseModel):
                                                           "is lost or runs out of memory")
     ping_timeout_s: float = Field(60.0, gt=0, description="seconds an actor may not answer before its "
                                                           "work moves elsewhere")
+    start_timeout_s: float = Field(600.0, gt=0, description="seconds the actors may take to start (model "
+                                                            "shipping, a GPU node booting) before the sweep "
+                                                            "stops, naming the resources it waited for")
 
     _actors = field_validator("actors")(classmethod(lambda cls, v: _positive_or_auto(v)))
 
