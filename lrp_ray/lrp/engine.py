@@ -6,7 +6,7 @@ import contextlib
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,6 +19,10 @@ from .result import RelevanceResult
 from .rules import RuleSet, token_dot
 from .targets import EncoderStart, QuerySpec, decoder_start, select_queries
 from .weights import TransformerWeights, cast_weights, extract_weights
+
+if TYPE_CHECKING:
+    from .concepts import ConditionalMaps, DetectionRelevance
+    from .detections import DetectionSelection, DetectionSet
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 MODULES = ("encoder", "decoder")
@@ -369,3 +373,26 @@ class LrpEngine:
         from ..models.postprocess import detections
 
         return detections(cache.pred_logits, cache.pred_boxes, cache.meta["image_sizes"])
+
+    # --------------------------------------------------------------------------------- detections
+    def select_detections(self, cache: ForwardCache, selection: DetectionSelection = "top5") -> DetectionSet:
+        """The detections ``selection`` picks per image (:func:`.detections.select_detections`)."""
+        from .detections import select_detections
+
+        return select_detections(cache, selection)
+
+    def detection_relevance(self, cache: ForwardCache, dets: DetectionSet,
+                            layers: dict[str, Sequence[int]] | None = None) -> DetectionRelevance:
+        """Relevance from each detection's class logit, with channel relevance at ``layers``
+        (:func:`.concepts.detection_relevance`)."""
+        from .concepts import detection_relevance
+
+        return detection_relevance(self, cache, dets, layers)
+
+    def conditional_maps(self, cache: ForwardCache, rel: DetectionRelevance, module: str, layer: int,
+                         channels: np.ndarray) -> ConditionalMaps:
+        """Token maps of detections conditioned on channels at one layer, in one pass
+        (:func:`.concepts.conditional_maps`)."""
+        from .concepts import conditional_maps
+
+        return conditional_maps(self, cache, rel, module, layer, channels)

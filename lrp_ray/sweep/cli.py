@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
 from collections.abc import Sequence
 from typing import Any
 
+from . import interrupts
 from .errors import EXIT_INTERRUPTED
 from .spec import BadRequest, SweepSpec, load_spec, merge_flags
 
@@ -131,20 +130,9 @@ def parse_request(argv: Sequence[str] | None = None, prog: str = "lrp-ray") -> t
     return merge_flags(data, flags), args
 
 
-def _terminate_as_interrupt() -> Any:
-    """SIGTERM (timeouts, Slurm, docker stop) stops a sweep like Ctrl-C; returns the previous handler."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    return signal.signal(signal.SIGTERM, on_term)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     prog = "python -m lrp_ray.sweep" if sys.argv and sys.argv[0].endswith("__main__.py") else "lrp-ray"
-    previous = _terminate_as_interrupt()
+    interrupts.install()  # Ctrl-C and SIGTERM (timeouts, Slurm, docker stop) stop at the next safe point
     try:
         return _main(argv, prog)
     except KeyboardInterrupt:  # before or after the sweep's own handling (Ray start-up, model load)
@@ -152,8 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        interrupts.uninstall()
 
 
 def _main(argv: Sequence[str] | None, prog: str) -> int:
@@ -164,6 +151,7 @@ def _main(argv: Sequence[str] | None, prog: str) -> int:
             return int(exc.code or 0)
         from .preparation import prepare
 
+        interrupts.check()
         prep = prepare(spec)
     except BadRequest as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
@@ -178,6 +166,7 @@ def _main(argv: Sequence[str] | None, prog: str) -> int:
         print(line, flush=True)
 
     try:
+        interrupts.check()
         result = execute(prep, log_fn=log_fn, progress=False if args.no_progress else None)
     except BadRequest as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import signal
 import sys
-import threading
 from pathlib import Path
 
+from . import interrupts
 from .errors import BadRequest
 from .spec import RunSpec
 
@@ -70,7 +71,6 @@ def connect(address: str | None) -> tuple[bool, str]:
     addr = address or os.environ.get("RAY_ADDRESS") or "local"
     if addr != "auto" and addr != "local":
         _check_reachable(addr)
-    on_term = signal.getsignal(signal.SIGTERM)
     try:
         if addr == "local":
             ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
@@ -78,9 +78,14 @@ def connect(address: str | None) -> tuple[bool, str]:
             return True, "local Ray instance (127.0.0.1)"
         ray.init(address=addr, logging_level=logging.WARNING, log_to_driver=True)
         return True, f"Ray cluster at {addr}"
-    finally:  # the caller's SIGTERM handling (the CLI: stop like Ctrl-C) stays in force
-        if threading.current_thread() is threading.main_thread() and on_term is not None:
-            signal.signal(signal.SIGTERM, on_term)
+    except SystemExit as exc:  # Ray's own SIGTERM handler (sys.exit(15)) fired while it was starting
+        if exc.code == signal.SIGTERM and interrupts.installed():
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+            raise KeyboardInterrupt from None
+        raise
+    finally:  # ray.init installs its own SIGTERM handler: the CLI's (stop at a safe point) stays in force
+        interrupts.keep_ours()
 
 
 def _check_local_fit(n: int, opts: dict, cpus: float, gpus: float) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import interrupts
 from .errors import (
     EXIT_IMAGES_FAILED,
     EXIT_INCOMPLETE,
@@ -154,6 +155,7 @@ def _execute(prep: Prepared, log_fn: Callable[[str], None], progress: bool | Non
     if todo:
         shutdown, desc, n_actors, opts, device, nodes = _connect(prep, len(todo))
     try:
+        interrupts.check()
         sink.open(run.overwrite, prep.errors)
         if prep.out_note:
             log_fn(prep.out_note)
@@ -164,6 +166,7 @@ def _execute(prep: Prepared, log_fn: Callable[[str], None], progress: bool | Non
         sink.write_manifest(_base_manifest(prep, "running"))
         if todo:
             fleet = _start_fleet(prep, n_actors, opts, device, log_fn, on_event)
+            interrupts.check()
         ray_start = time.perf_counter() - t_ray
         if todo:
             log_fn(f"{desc}: {n_actors} actor(s) on {device}, {len(todo)} work items, "

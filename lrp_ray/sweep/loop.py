@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from . import interrupts
 from .errors import SweepFailed, one_line
 from .fleet import Fleet, Outcome
 from .placement import Assignment, Closed, Placement
@@ -49,6 +50,7 @@ class SweepLoop:
         stall_limit = max(600.0, 10 * float(self.policy.ping_timeout_s))
         t_progress = t_start = time.monotonic()
         while self.placement.remaining > 0:
+            interrupts.check()
             if not self.fleet.started_any and time.monotonic() - t_start > self.policy.startup_timeout_s:
                 raise SweepFailed(f"no actor started within {self.policy.startup_timeout_s:.0f}s: "
                                   f"{self.fleet.shortfall()} (start_timeout_s)")

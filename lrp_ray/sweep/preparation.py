@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import interrupts
 from .errors import BadRequest, one_line
 from .images import (
     DEMO_IMAGES,
@@ -183,9 +184,11 @@ def prepare(spec: SweepSpec, log_fn: Callable[[str], None] = print) -> Prepared:
     else:
         image_set = discover(str(write_synthetic_images(out / "_cache" / "synthetic_images")))
     timings["discover"] = time.perf_counter() - t0
+    interrupts.check()
 
     t1 = time.perf_counter()
     model = _load_model(spec, log_fn)
+    interrupts.check()
     from lrp_ray.models import from_module
 
     parts = from_module(model)
@@ -203,6 +206,7 @@ def prepare(spec: SweepSpec, log_fn: Callable[[str], None] = print) -> Prepared:
     t2 = time.perf_counter()
     ok, bad = validate(image_set)
     timings["validate_images"] = time.perf_counter() - t2
+    interrupts.check()
 
     per_feature = {"encoder": 1}
     if queries is not None:
