@@ -74,6 +74,30 @@ def explain_arrays(engine: LrpEngine, cfg: Any, images: Sequence[np.ndarray], id
     return df
 
 
+def _read_inputs(images: Sequence[str | Path | np.ndarray]) -> tuple[list[np.ndarray], list[str], list[dict]]:
+    """RGB arrays, their ids (stored image names; ``array_K`` for arrays) and the unreadable files."""
+    arrays, ids, errors = [], [], []
+    for k, item in enumerate(images):
+        if isinstance(item, np.ndarray):
+            arrays.append(item)
+            ids.append(f"array_{k}")
+            continue
+        try:
+            arrays.append(read_image(item))
+            ids.append(image_text(str(item)))
+        except ImageReadError as exc:
+            errors.append({"image": image_text(str(item)), "reason": exc.reason})
+    return arrays, ids, errors
+
+
+def _preprocessing(engine: LrpEngine, model: Any) -> Any:
+    """The model's preprocessing config (sizes, pixel mean/std)."""
+    cfg = getattr(engine.parts.module, "cfg", None) or getattr(model, "cfg", None)
+    if cfg is None:
+        raise ValueError("the model carries no preprocessing config (.cfg); load it with load_model()")
+    return cfg
+
+
 def explain(model: Any, images: str | Path | Sequence[str | Path | np.ndarray], module: str, layer: int,
             features: int | str | Iterable[int], queries: Any = None, rules: str = "cp",
             epsilon: float = 1e-6, batch_size: int = 4, device: str = "auto", precision: str = "fp32",
@@ -90,20 +114,8 @@ def explain(model: Any, images: str | Path | Sequence[str | Path | np.ndarray], 
     if isinstance(images, (str, Path)):
         images = list_images(images)
     engine = engine or engine_for(model, rules, epsilon, device, precision)
-    arrays, ids, errors = [], [], []
-    for k, item in enumerate(images):
-        if isinstance(item, np.ndarray):
-            arrays.append(item)
-            ids.append(f"array_{k}")
-            continue
-        try:
-            arrays.append(read_image(item))
-            ids.append(image_text(str(item)))
-        except ImageReadError as exc:
-            errors.append({"image": image_text(str(item)), "reason": exc.reason})
-    cfg = getattr(engine.parts.module, "cfg", None) or getattr(model, "cfg", None)
-    if cfg is None:
-        raise ValueError("the model carries no preprocessing config (.cfg); load it with load_model()")
+    arrays, ids, errors = _read_inputs(images)
+    cfg = _preprocessing(engine, model)
     df = explain_arrays(engine, cfg, arrays, ids, module, layer, features, queries, batch_size)
     df.attrs["errors"] = errors
     return df
@@ -227,20 +239,8 @@ def explain_detections(model: Any, images: str | Path | Sequence[str | Path | np
     want = _detection_layers(engine, module, layers)
     if isinstance(images, (str, Path)):
         images = list_images(images)
-    arrays, ids, errors = [], [], []
-    for k, item in enumerate(images):
-        if isinstance(item, np.ndarray):
-            arrays.append(item)
-            ids.append(f"array_{k}")
-            continue
-        try:
-            arrays.append(read_image(item))
-            ids.append(image_text(str(item)))
-        except ImageReadError as exc:
-            errors.append({"image": image_text(str(item)), "reason": exc.reason})
-    cfg = getattr(engine.parts.module, "cfg", None) or getattr(model, "cfg", None)
-    if cfg is None:
-        raise ValueError("the model carries no preprocessing config (.cfg); load it with load_model()")
+    arrays, ids, errors = _read_inputs(images)
+    cfg = _preprocessing(engine, model)
     det_rows: list[dict[str, Any]] = []
     concept_rows: list[dict[str, Any]] = []
     map_rows: list[dict[str, Any]] = []

@@ -9,7 +9,7 @@ backward of :mod:`.propagate`), down to the encoder input tokens.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,9 +20,8 @@ from torch import Tensor
 from ..queries import top_k
 from .cache import ForwardCache
 from .forward import layer_norm
-from .propagate import Ledger, decoder_layer_back, encoder_layer_back
+from .propagate import Ledger, Visit, propagate_from
 from .rules import RuleSet
-from .weights import TransformerWeights
 
 __all__ = ["DetectionSet", "DetectionSelection", "parse_selection", "select_detections", "logit_start",
            "propagate_from", "Visit"]
@@ -190,47 +189,7 @@ def _logit_stab(z: Tensor, eps: float) -> Tensor:
     return z / (z + eps * sign)
 
 
-Visit = Callable[[str, int, Tensor, Tensor | None, Ledger], tuple[Tensor, Tensor | None, Ledger] | None]
 """Called with (module, layer, g at the layer output, g of the memory (decoder) or None, ledger) before
 the layer is crossed; may return a replacement (g, g_mem, ledger)."""
 
-
-def propagate_from(c: ForwardCache, w: TransformerWeights, rules: RuleSet, module: str, layer: int,
-                   g: Tensor, g_mem: Tensor | None, ledger: Ledger, visit: Visit | None = None,
-                   use_maps: bool = False, maps_budget: int = 1 << 62) -> Tensor:
-    """g at the output of ``module`` layer ``layer`` (and, for the decoder, the memory's g accumulated
-    above it) -> g at the encoder input tokens, layer by layer as :func:`.propagate.propagate`.
-
-    ``visit`` sees (and may replace) g at every layer output on the way, the first one included.
-    """
-    use_maps = use_maps and rules.ops.ffn_foldable
-    if module == "decoder":
-        mem = c.memory
-        if g_mem is None:
-            g_mem = torch.zeros(g.shape[0], mem.shape[1], g.shape[2], g.shape[3], dtype=g.dtype,
-                                device=g.device)
-        for j in range(layer, -1, -1):
-            if visit is not None:
-                out = visit("decoder", j, g, g_mem, ledger)
-                if out is not None:
-                    g, g_mem, ledger = out
-            g, g_mem = decoder_layer_back(g, g_mem, j, c, w, rules, ledger, use_maps, maps_budget)
-            ledger.record(f"decoder.{j}.in", ledger.rel(c.decoder[j].x, g) + ledger.rel(mem, g_mem))
-        g = g_mem
-        top = len(w.encoder) - 1
-        if c.encoder_norm is not None:
-            nw, en = w.encoder_norm, c.encoder_norm
-            g, bias = rules.layer_norm(g, en.y, en.rstd, nw.gamma, nw.beta)
-            ledger.bias = ledger.bias + bias
-            ledger.record("encoder.norm.in", ledger.rel(c.encoder_out, g))
-    else:
-        top = layer
-    for i in range(top, -1, -1):
-        if visit is not None:
-            out = visit("encoder", i, g, None, ledger)
-            if out is not None:
-                g, _, ledger = out
-        g = encoder_layer_back(g, i, c, w, rules, ledger, use_maps, maps_budget)
-        ledger.record(f"encoder.{i}.in", ledger.rel(c.encoder[i].x, g))
-    return g
 

@@ -173,6 +173,9 @@ def decoder_layer_back(g: Tensor, g_mem: Tensor, j: int, c: ForwardCache, w: Tra
     ledger.softmax = ledger.softmax + ag.softmax_leak
     return gt, g_mem
 
+Visit = Callable[[str, int, Tensor, Tensor | None, Ledger], tuple[Tensor, Tensor | None, Ledger] | None]
+"""Sees g (and the memory's g) at a layer output; may return replacements."""
+
 
 def propagate(c: ForwardCache, w: TransformerWeights, rules: RuleSet, module: str, layer: int,
               g: Tensor | EncoderStart, ledger: Ledger, use_maps: bool = False,
@@ -184,12 +187,29 @@ def propagate(c: ForwardCache, w: TransformerWeights, rules: RuleSet, module: st
     fit ``maps_budget`` bytes, encoder layer i when ``i + 1`` encoder layers' and all decoder layers'
     maps fit. Only rule sets whose FFN-block rules the maps implement use them.
     """
+    return propagate_from(c, w, rules, module, layer, g, None, ledger, None, use_maps, maps_budget)
+
+
+def propagate_from(c: ForwardCache, w: TransformerWeights, rules: RuleSet, module: str, layer: int,
+                   g: Tensor | EncoderStart, g_mem: Tensor | None, ledger: Ledger,
+                   visit: Visit | None = None,
+                   use_maps: bool = False, maps_budget: int = 1 << 62) -> Tensor:
+    """g at the output of ``module`` layer ``layer`` (and, for the decoder, the memory's g accumulated
+    above it) -> g at the encoder input tokens, layer by layer as :func:`propagate`.
+
+    ``visit`` sees (and may replace) g at every layer output on the way, the first one included.
+    """
     use_maps = use_maps and rules.ops.ffn_foldable
     if module == "decoder":
         mem = c.memory
-        b, t, n, d = g.shape[0], mem.shape[1], g.shape[2], g.shape[3]
-        g_mem = torch.zeros(b, t, n, d, dtype=g.dtype, device=g.device)
+        if g_mem is None:
+            g_mem = torch.zeros(g.shape[0], mem.shape[1], g.shape[2], g.shape[3], dtype=g.dtype,
+                                device=g.device)
         for j in range(layer, -1, -1):
+            if visit is not None:
+                out = visit("decoder", j, g, g_mem, ledger)
+                if out is not None:
+                    g, g_mem, ledger = out
             g, g_mem = decoder_layer_back(g, g_mem, j, c, w, rules, ledger, use_maps, maps_budget)
             ledger.record(f"decoder.{j}.in", ledger.rel(c.decoder[j].x, g) + ledger.rel(mem, g_mem))
         g = g_mem
@@ -202,6 +222,10 @@ def propagate(c: ForwardCache, w: TransformerWeights, rules: RuleSet, module: st
     else:
         top = layer
     for i in range(top, -1, -1):
+        if visit is not None:
+            out = visit("encoder", i, g, None, ledger)
+            if out is not None:
+                g, _, ledger = out
         g = encoder_layer_back(g, i, c, w, rules, ledger, use_maps, maps_budget)
         ledger.record(f"encoder.{i}.in", ledger.rel(c.encoder[i].x, g))
     return g
