@@ -153,6 +153,32 @@ class DetectionExplanation:
     rules: str = "cp"
     epsilon: float = 1e-6
     precision: str = "fp32"
+    top_concepts: int = 5
+
+    def concepts_by_class(self, top_k: int | None = None) -> pd.DataFrame:
+        """Per class, over all its explained detections: each (module, layer, feature)'s mean and spread
+        of its share of the class logit, its mean relevance, and how often it is among a detection's
+        ``top_k`` channels at that layer (default: the run's ``top_concepts``). Sorted by class, then by
+        mean share, highest first: a class's first rows answer "which features does the model use for
+        it". ``detections`` counts the detections of the class."""
+        k = self.top_concepts if top_k is None else int(top_k)
+        if self.concepts.empty:
+            return pd.DataFrame(columns=list(BY_CLASS_COLUMNS))
+        c = self.concepts
+        rank = c.groupby(["image", "query", "class_id", "module", "layer"])["relevance"].rank(
+            ascending=False, method="first")
+        c = c.assign(in_top=(rank <= k).astype(np.float64))
+        out = c.groupby(["class_id", "module", "layer", "feature"], sort=False).agg(
+            detections=("share", "size"), share_mean=("share", "mean"), share_std=("share", "std"),
+            relevance_mean=("relevance", "mean"), top_k_rate=("in_top", "mean")).reset_index()
+        out["share_std"] = out["share_std"].fillna(0.0)
+        out = out.sort_values(["class_id", "share_mean"], ascending=[True, False], kind="stable")
+        return out.reset_index(drop=True)[list(BY_CLASS_COLUMNS)]
+
+
+BY_CLASS_COLUMNS = ("class_id", "module", "layer", "feature", "detections", "share_mean", "share_std",
+                    "relevance_mean", "top_k_rate")
+"""Columns of :meth:`DetectionExplanation.concepts_by_class`."""
 
 
 def _frame(rows: list[dict[str, Any]], columns: Sequence[str]) -> pd.DataFrame:
@@ -293,4 +319,5 @@ def explain_detections(model: Any, images: str | Path | Sequence[str | Path | np
     return DetectionExplanation(
         detections=_frame(det_rows, DETECTION_COLUMNS), concepts=_frame(concept_rows, CONCEPT_COLUMNS),
         heatmaps=_frame(map_rows, HEATMAP_COLUMNS), no_detections=empty, errors=errors,
-        rules=engine.rules.name, epsilon=float(engine.rules.epsilon), precision=engine.config.precision)
+        rules=engine.rules.name, epsilon=float(engine.rules.epsilon), precision=engine.config.precision,
+        top_concepts=int(top_concepts))

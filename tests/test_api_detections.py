@@ -131,3 +131,21 @@ def test_class_filter_in_default_fp32(model, arrays):
     assert len(ex.heatmaps) == 2 * len(ex.detections)
     assert ex.no_detections == [f"array_{i}" for i in range(3) if not (labels[i] == cls).any()]
     assert ex.precision == "fp32" and ex.epsilon == 1e-6
+
+
+def test_concepts_by_class_ranks_features_by_mean_share_over_the_class_detections(model, arrays):
+    ex = _explain(model, arrays, detections="top3", layers={"encoder": [1], "decoder": [0]}, top_concepts=2)
+    by = ex.concepts_by_class()
+    c = ex.concepts
+    assert len(by) == len(c.groupby(["class_id", "module", "layer", "feature"]))
+    for (cls, module, layer), g in by.groupby(["class_id", "module", "layer"], sort=False):
+        rows = c[(c.class_id == cls) & (c.module == module) & (c.layer == layer)]
+        n = len(rows.groupby(["image", "query"]))
+        assert (g.detections == n).all()
+        best = g.iloc[0]
+        want = rows.groupby("feature").share.mean()
+        assert best.feature == want.idxmax() and np.isclose(best.share_mean, want.max())
+        # every detection has exactly 2 top channels at this layer: the rates add up to 2
+        assert np.isclose(g.top_k_rate.sum(), 2.0)
+    shares = by.groupby("class_id").share_mean.apply(lambda s: s.is_monotonic_decreasing)
+    assert shares.all()
