@@ -111,3 +111,20 @@ def test_run_all_smoke(tmp_path):
         assert sweep["maps"] == sweep["maps_total"] > 0
         assert sweep["items_logged"] == sweep["n_items"] > 0   # the CLI's item log lines were understood
         assert sweep["split"]["ray_start"]["s"] is not None
+
+
+def test_concepts_cpu_smoke(tmp_path):
+    """benchmarks/concepts_cpu.py at tiny size: concept profile and K conditional maps, ours and the
+    autograd baselines computing the same maps (no timing assertions)."""
+    p = _run(["benchmarks/concepts_cpu.py", "--smoke", "--quiet", "--out", str(tmp_path)], timeout=300)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    data = json.loads((tmp_path / "concepts_cpu.json").read_text())
+    assert (tmp_path / "concepts_cpu.md").is_file()
+    assert data["status"] == "ok" and len(data["cases"]) == 2
+    for case in data["cases"]:
+        assert case["profile_max_rel_diff"] < 1e-4
+        assert [p["top"] for p in case["profiles"]][0] == 1
+        assert {r["module"] for r in case["conditional"]} == {"encoder", "decoder"}
+        for row in case["conditional"]:
+            assert row["k"] == 8 and row["ours_s"] > 0 and row["hook_s"] > 0 and row["restart_s"] > 0
+            assert row["max_rel_diff_restart"] < 1e-4 and row["max_rel_diff_hook"] < 1e-4, row
