@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -82,6 +83,34 @@ def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any, list[float]]
         out = fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times), out, times
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, split: Split | None = None,
+                split_key: str | None = None) -> tuple[dict, dict, dict, dict]:
+    """Run every function of ``fns`` once untimed (warm-up), then ``repeats`` rounds of all of them in
+    turn (so load changes hit every method alike). Returns the median seconds, the last outputs, all
+    times, and ``split_key``'s stage split of its median round."""
+    outs = {n: fn() for n, fn in fns.items()}
+    if split is not None:
+        split.take(0.0)
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    splits: list[dict[str, float]] = []
+    for _ in range(repeats):
+        for n, fn in fns.items():
+            t = time.perf_counter()
+            outs[n] = fn()
+            dt = time.perf_counter() - t
+            times[n].append(dt)
+            if split is not None:
+                part = split.take(dt)
+                if n == split_key:
+                    splits.append(part)
+    med = {n: statistics.median(v) for n, v in times.items()}
+    part = {}
+    if splits:
+        order = np.argsort(times[split_key])
+        part = splits[int(order[len(order) // 2])]
+    return med, outs, times, part
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
@@ -167,6 +196,14 @@ class Autograd:
             maps.append(self._map(gx))
         return np.stack(maps, 1)
 
+    def batched_maps(self, module: str, layer: int, chans: np.ndarray) -> np.ndarray:
+        """One backward to the layer, then all K conditions in one ``is_grads_batched`` backward."""
+        t = self._out(module, layer)
+        (g,) = torch.autograd.grad(self.logit.sum(), t, retain_graph=True)
+        gm = torch.stack([g * self._mask(g, module, chans[:, k]) for k in range(chans.shape[1])])
+        (gx,) = torch.autograd.grad(t, self.x0, grad_outputs=gm, is_grads_batched=True, retain_graph=True)
+        return np.stack([self._map(gx[k]) for k in range(chans.shape[1])], 1)
+
 
 # ------------------------------------------------------------------------------------------ one case
 def run_case(name: str, model: Any, imgs: list[np.ndarray], k: int, rules: str, repeats: int,
@@ -176,75 +213,92 @@ def run_case(name: str, model: Any, imgs: list[np.ndarray], k: int, rules: str, 
     batch = preprocess(imgs, cfg)
     n_enc, n_dec, d = len(eng.weights.encoder), len(eng.weights.decoder), eng.weights.hidden_dim
     all_layers = {"encoder": list(range(n_enc)), "decoder": list(range(n_dec))}
-    t_backbone, (src, pos, mask), _ = timed(lambda: eng.encoder_inputs(batch), repeats)
+    b0 = lambda: eng.encoder_inputs(batch)  # noqa: E731
+    src, pos, mask = b0()
+    t_backbone = interleaved({"backbone": b0}, repeats)[0]["backbone"]
 
     def fwd():
         c = eng.forward_tokens(src, pos, mask)
         c.meta["image_sizes"] = [list(map(int, s)) for s in batch.image_sizes]
         return c
 
-    t_fwd, cache, _ = timed(fwd, repeats)
+    cache = fwd()
+    dets = eng.select_detections(cache, "top1")
+    ag = Autograd(model, src, pos, mask, rules, dets.query[:, 0], dets.class_id[:, 0])
+    med, _, _, _ = interleaved({"ours": fwd, "autograd": ag.forward}, repeats)
+    t_fwd, t_ag_fwd = med["ours"], med["autograd"]
     gh, gw = cache.meta["grid"]
     info = {"case": name, "images": len(imgs), "input_hw": [list(map(int, s)) for s in batch.input_sizes],
             "grid": [int(gh), int(gw)], "tokens": int(gh * gw), "hidden_dim": d, "enc_layers": n_enc,
             "dec_layers": n_dec, "queries": int(cache.meta["num_queries"]), "rules": rules, "k": k,
-            "repeats": repeats, "backbone_s": t_backbone, "forward_s": t_fwd}
+            "repeats": repeats, "backbone_s": t_backbone, "forward_s": t_fwd, "autograd_forward_s": t_ag_fwd}
     log(f"[{name}] grid {gh}x{gw}, d {d}, {n_enc}+{n_dec} layers; backbone {t_backbone:.3f} s, "
-        f"transformer forward {t_fwd:.3f} s")
+        f"transformer forward {t_fwd:.3f} s, autograd forward (graph) {t_ag_fwd:.3f} s")
 
-    # (a) the full concept profile
+    # (a) the full concept profile (top-1 timed against the autograd profile backward, interleaved)
     profiles = []
     rel1 = None
     for m in profile_m:
         dets = eng.select_detections(cache, f"top{m}")
         n_det = int(dets.valid.sum())
-        t_prof, rel, times = timed(lambda dets=dets: eng.detection_relevance(cache, dets, all_layers), repeats)
-        parts = {key: v / repeats for key, v in split.take(sum(times)).items()}
-        profiles.append({"top": m, "detections": n_det, "profile_s": t_prof, "per_detection_s": t_prof / n_det,
-                         "split_s": parts})
+        fns = {"ours": lambda dets=dets: eng.detection_relevance(cache, dets, all_layers)}
+        if m == 1:
+            fns["autograd"] = ag.profile
+        med, outs, times, parts = interleaved(fns, repeats, split, "ours")
+        t_prof = med["ours"]
+        profiles.append({"top": m, "detections": n_det, "profile_s": t_prof,
+                         "per_detection_s": t_prof / n_det, "split_s": parts, "times_s": times["ours"]})
         log(f"[{name}] profile top{m}: {n_det} detections, {t_prof:.3f} s ({t_prof / n_det:.3f} s per "
             f"detection) {({a: round(b, 3) for a, b in parts.items()})}")
         if m == 1:
-            rel1 = rel
+            rel1 = outs["ours"]
+            t_ag_prof = med["autograd"]
+            ag_conc, ag_map = outs["autograd"]
     assert rel1 is not None
-    dets = rel1.dets
-    ag = Autograd(model, src, pos, mask, rules, dets.query[:, 0], dets.class_id[:, 0])
-    t_ag_fwd, _, _ = timed(ag.forward, repeats)
-    t_ag_prof, (ag_conc, ag_map), _ = timed(ag.profile, repeats)
     prof_err = max([rel_err(rel1.token_maps[:, 0], ag_map)]
                    + [rel_err(rel1.concepts[key][:, 0], v) for key, v in ag_conc.items()])
-    info["autograd_forward_s"] = t_ag_fwd
     info["autograd_profile_s"] = t_ag_prof
     info["profile_max_rel_diff"] = prof_err
-    log(f"[{name}] autograd forward (graph) {t_ag_fwd:.3f} s, profile backward {t_ag_prof:.3f} s, "
-        f"max rel diff {prof_err:.2e}")
+    log(f"[{name}] autograd profile backward {t_ag_prof:.3f} s, max rel diff {prof_err:.2e}")
 
-    # (b) K conditional maps at one layer
-    cond_layers = list(dict.fromkeys([("encoder", n_enc - 1), ("decoder", n_dec // 2), ("decoder", n_dec - 1)]))
+    # (b) K conditional maps at one layer: ours and the three autograd ways, interleaved
+    cond_layers = list(dict.fromkeys([("encoder", n_enc - 1), ("decoder", n_dec // 2),
+                                      ("decoder", n_dec - 1)]))
     rows = []
     for module, layer in cond_layers:
         chans = top_channels(rel1, module, layer, k)                              # [B, 1, K]
-        t_ours, cond, times = timed(lambda module=module, layer=layer, chans=chans:
-                                    eng.conditional_maps(cache, rel1, module, layer, chans), repeats)
-        parts = {key: v / repeats for key, v in split.take(sum(times)).items()}
-        t_hook, hook, _ = timed(lambda module=module, layer=layer, chans=chans:
-                                ag.hook_maps(module, layer, chans[:, 0]), repeats)
-        t_rst, rst, _ = timed(lambda module=module, layer=layer, chans=chans:
-                              ag.restart_maps(module, layer, chans[:, 0]), repeats)
-        ours = cond.token_maps[:, 0]                                               # [B, K, gh, gw]
-        err_rst = rel_err(ours, rst)
+        c0 = chans[:, 0]
+        fns = {"ours": lambda module=module, layer=layer, chans=chans:
+               eng.conditional_maps(cache, rel1, module, layer, chans),
+               "hook": lambda module=module, layer=layer, c0=c0: ag.hook_maps(module, layer, c0),
+               "restart": lambda module=module, layer=layer, c0=c0: ag.restart_maps(module, layer, c0),
+               "batched": lambda module=module, layer=layer, c0=c0: ag.batched_maps(module, layer, c0)}
+        try:
+            fns["batched"]()
+        except Exception as e:  # noqa: BLE001 - vmap may not cover every op
+            del fns["batched"]
+            log(f"[{name}] batched autograd failed: {type(e).__name__}: {e}")
+        med, outs, times, parts = interleaved(fns, repeats, split, "ours")
+        t_ours, t_hook, t_rst, t_bat = med["ours"], med["hook"], med["restart"], med.get("batched")
+        ours = outs["ours"].token_maps[:, 0]                                       # [B, K, gh, gw]
+        err_rst = rel_err(ours, outs["restart"])
+        err_bat = rel_err(ours, outs["batched"]) if "batched" in outs else None
         bypass = module == "decoder" and layer < n_dec - 1
         if bypass:  # the hook also keeps the memory's relevance from above the layer (not timed)
-            extra = eng.conditional_maps(cache, rel1, module, layer, np.full((len(imgs), 1, 1), MEMORY_BYPASS))
+            bypass_ch = np.full((len(imgs), 1, 1), MEMORY_BYPASS)
+            extra = eng.conditional_maps(cache, rel1, module, layer, bypass_ch)
             split.take(0.0)
-            err_hook = rel_err(ours + extra.token_maps[:, 0], hook)
+            err_hook = rel_err(ours + extra.token_maps[:, 0], outs["hook"])
         else:
-            err_hook = rel_err(ours, hook)
-        abs_diff = float(max(np.abs(ours - rst).max(), 0.0))
+            err_hook = rel_err(ours, outs["hook"])
+        abs_diff = float(np.abs(ours - outs["restart"]).max())
         row = {"module": module, "layer": layer, "k": k, "ours_s": t_ours, "ours_split_s": parts,
                "hook_s": t_hook, "restart_s": t_rst, "ratio_vs_hook": t_hook / t_ours,
                "ratio_vs_restart": t_rst / t_ours, "max_rel_diff_restart": err_rst,
-               "max_rel_diff_hook": err_hook, "max_abs_diff_restart": abs_diff, "hook_includes_bypass": bypass,
+               "batched_s": t_bat, "ratio_vs_batched": t_bat / t_ours if t_bat else None,
+               "max_rel_diff_batched": err_bat,
+               "max_rel_diff_hook": err_hook, "max_abs_diff_restart": abs_diff,
+               "hook_includes_bypass": bypass, "times_s": times,
                "ffn_maps": concepts_mod._use_maps(eng, k)}
         # end to end from the tokens: forward + profile (to pick the channels) + K maps
         row["e2e_ours_s"] = t_fwd + profiles[0]["profile_s"] + t_ours
@@ -252,10 +306,11 @@ def run_case(name: str, model: Any, imgs: list[np.ndarray], k: int, rules: str, 
         row["e2e_ratio"] = row["e2e_hook_s"] / row["e2e_ours_s"]
         rows.append(row)
         log(f"[{name}] {module} {layer} K={k}: ours {t_ours:.3f} s, hook {t_hook:.3f} s "
-            f"({row['ratio_vs_hook']:.2f}x), restart {t_rst:.3f} s ({row['ratio_vs_restart']:.2f}x); "
+            f"({row['ratio_vs_hook']:.2f}x), restart {t_rst:.3f} s ({row['ratio_vs_restart']:.2f}x), "
+            f"batched {_f(t_bat, '.3f')} s; "
             f"rel diff restart {err_rst:.1e} hook {err_hook:.1e}; split "
             f"{ {a: round(b, 3) for a, b in parts.items()} }")
-    del ag
+    ag.enc = ag.dec = ag.logit = None  # free the graph
 
     # the notebook API end to end (preprocess + forward + profile + K maps at every layer)
     from lrp_ray.api import explain_detections
@@ -271,12 +326,23 @@ def run_case(name: str, model: Any, imgs: list[np.ndarray], k: int, rules: str, 
 
 
 # --------------------------------------------------------------------------------------------- output
+def _load(v: list[float]) -> str:
+    return "/".join(f"{x:.2f}" for x in v)
+
+
+def _f(v: float | None, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
 def table(payload: dict) -> str:
     info, cmd = payload["machine"], payload["command"]
     lines = ["### Detection concepts (cpu, fp32)", "",
              f"Machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), "
              f"torch {info['torch']}, {info['date']}  ", f"Command: `{cmd}`  ",
-             "cp rules, epsilon 0, fp32; one process; medians of the repeats; detections: top-1 per image.",
+             "cp rules, epsilon 0, fp32; one process; one warm-up, then medians of the repeats with the "
+             "methods interleaved; detections: top-1 per image. "
+             f"Load average (1/5/15 min) at start {_load(payload['load_avg_start'])}, at end "
+             f"{_load(payload['load_avg_end'])}; wall {payload['wall_s']:.0f} s.",
              ""]
     lines += ["| case | images | tokens/img | d | layers | backbone s | forward s | profile s (per det.) "
               "| autograd profile s | explain_detections s |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -301,17 +367,20 @@ def table(payload: dict) -> str:
                          f"| {s.get('other (masks, concepts, numpy)', 0):.4f} |")
     lines += ["", "K conditional maps for the top-1 detection of each image at one layer:", "",
               "| case | layer | K | ours s | propagation s | hook s (K backwards) | **vs hook** "
-              "| restart s | vs restart | max rel diff (restart / hook) | e2e ours s | e2e hook s | e2e ratio |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| restart s | vs restart | batched s | vs batched | max rel diff (restart / hook / batched) "
+              "| e2e ours s | e2e hook s | e2e ratio |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in payload["cases"]:
         for r in c["conditional"]:
             s = r["ours_split_s"]
             lines.append(
                 f"| {c['case']} | {r['module']} {r['layer']} | {r['k']} | {r['ours_s']:.3f} "
                 f"| {s.get('propagation', 0):.3f} | {r['hook_s']:.3f} | **{r['ratio_vs_hook']:.2f}x** "
-                f"| {r['restart_s']:.3f} | {r['ratio_vs_restart']:.2f}x "
+                f"| {r['restart_s']:.3f} | {r['ratio_vs_restart']:.2f}x | {_f(r['batched_s'], '.3f')} "
+                f"| {_f(r['ratio_vs_batched'], '.2f')}x "
                 f"| {r['max_rel_diff_restart']:.1e} / {r['max_rel_diff_hook']:.1e}"
-                f"{'*' if r['hook_includes_bypass'] else ''} | {r['e2e_ours_s']:.3f} | {r['e2e_hook_s']:.3f} "
+                f"{'*' if r['hook_includes_bypass'] else ''} / {_f(r['max_rel_diff_batched'], '.1e')} "
+                f"| {r['e2e_ours_s']:.3f} | {r['e2e_hook_s']:.3f} "
                 f"| {r['e2e_ratio']:.2f}x |")
     lines += ["", "\\* hook maps compared with ours + the MEMORY_BYPASS map (the hook keeps what reached the "
               "memory through the cross-attention above the layer). e2e = transformer forward + profile + K "
@@ -329,12 +398,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--width", type=int, default=640)
     ap.add_argument("--k", type=int, default=8, help="conditions per detection")
     ap.add_argument("--rules", default="cp", choices=("cp", "attnlrp"))
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--profile-m", default="1,5", help="top-M detections per image for the profile rows")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results; "
                                                             "--smoke writes nothing unless given)")
     args = ap.parse_args(argv)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
+    load_start, t_start = os.getloadavg(), time.perf_counter()
     split = Split()
     profile_m = [int(x) for x in args.profile_m.split(",")]
     if profile_m[0] != 1:
@@ -367,11 +437,12 @@ def main(argv: list[str] | None = None) -> dict:
     demo_imgs = [np.asarray(Image.open(p).convert("RGB")) for p in files]
     demo_cfg = demo.cfg.with_overrides({"INPUT.MIN_SIZE_TEST": 96, "INPUT.MAX_SIZE_TEST": 128}) \
         if args.smoke else None
-    cases.append(run_case("demo model" + (" 96 px" if args.smoke else ""), demo, demo_imgs, args.k, args.rules,
-                          repeats, profile_m, split, log, demo_cfg))
+    cases.append(run_case("demo model" + (" 96 px" if args.smoke else ""), demo, demo_imgs, args.k,
+                          args.rules, repeats, profile_m, split, log, demo_cfg))
     cmd = "python benchmarks/concepts_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
     payload = {"machine": machine(), "command": cmd.strip(), "status": "ok", "smoke": args.smoke,
-               "cases": cases}
+               "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
+               "wall_s": time.perf_counter() - t_start, "cases": cases}
     md = table(payload)
     out = args.out if args.out is not None else (None if args.smoke else RESULTS)
     if out is not None:

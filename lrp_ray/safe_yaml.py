@@ -15,8 +15,14 @@ def load_mapping(path: Path, label: str, error: Callable[[str], Exception],
                  what: str = "a mapping") -> dict[str, Any]:
     """The mapping in ``path`` (empty file: ``{}``); anything else raises ``error`` with one line starting
     with ``label``. Object tags (``!!python/...``) are refused, never constructed."""
+    if path.is_dir():
+        raise error(f"{label}: is a folder, not a file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise error(f"{label}: not UTF-8 text (YAML files are read as UTF-8)") from None
+    except OSError as exc:
+        raise error(f"{label}: cannot read ({exc.strerror or exc})") from None
     except yaml.constructor.ConstructorError as exc:
         tag = f" {exc.problem.split('tag', 1)[-1].strip()}" if exc.problem and "tag" in exc.problem else ""
         raise error(f"{label}: refused a Python object tag{tag}; YAML is read with a safe loader "

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -258,3 +259,62 @@ def test_actors_a_cluster_cannot_place_stop_the_sweep_in_bounded_time_naming_the
     assert res.exit_code == 3 and res.manifest["status"] == "incomplete"
     stop = [x for x in lines if x.startswith("sweep stopped: no actor started within 3s")]
     assert stop and "each actor asks for 3 CPU(s); the cluster has 2 CPU(s)" in stop[0], lines
+
+
+def test_a_short_or_corrupt_part_is_computed_again(ray_session, sweep_reference, tiny_images, tiny_config,
+                                                   tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(sweep_reference[0], out)
+    victim = part_files(out)[3]
+    victim.write_bytes(b"")  # e.g. a power loss before the data reached the disk
+    res = run_sweep(tiny_spec(out, tiny_images, tiny_config), log_fn=lambda s: None, progress=False)
+    assert res.exit_code == 0 and res.manifest["counts"]["items_run"] == 1
+    assert pq.read_metadata(victim).num_rows > 0
+    from .conftest import assert_rows_equal
+
+    assert_rows_equal(load_rows(out), load_rows(sweep_reference[0]))
+
+
+def test_an_image_whose_content_changed_after_checking_is_not_used(ray_session, tiny_config, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from lrp_ray.sweep import execute
+
+    from .conftest import write_images
+
+    images = write_images(tmp_path / "images", {"a.png": (64, 70), "b.png": (66, 64)})
+    prep = prepare(tiny_spec(tmp_path / "out", images, tiny_config, batch_size=1, module="encoder",
+                             layers="0", actors=1), log_fn=lambda s: None)
+    Image.fromarray(np.zeros((66, 64, 3), np.uint8)).save(images / "b.png")  # same name, other pixels
+    res = execute(prep, log_fn=lambda s: None, progress=False)
+    assert res.exit_code == 3
+    assert res.failed_items and all("b.png" in why and "changed" in why for why in res.failed_items.values())
+    assert set(load(tmp_path / "out").image) == {"a.png"}
+
+
+def test_already_complete_is_not_claimed_when_heatmaps_or_errors_changed(ray_session, sweep_reference,
+                                                                         tiny_images, tiny_config, tmp_path):
+    out, imgs = tmp_path / "out", tmp_path / "images"
+    shutil.copytree(tiny_images, imgs)
+    spec = tiny_spec(out, imgs, tiny_config, heatmaps=True)
+    assert run_sweep(spec, log_fn=lambda s: None, progress=False).exit_code == 0
+    shutil.rmtree(out / "heatmaps")
+    lines: list[str] = []
+    res = run_sweep(spec, log_fn=lines.append, progress=False)
+    assert res.exit_code == 0 and not any(x.startswith("already complete") for x in lines)
+    assert len(list((out / "heatmaps").glob("*.png"))) == res.manifest["heatmaps"]["files"] > 0
+    (imgs / "zz_broken.png").write_bytes(b"not an image")  # a new unusable file: errors.csv must say so
+    res = run_sweep(spec, log_fn=lambda s: None, progress=False)
+    assert res.exit_code == 1 and "zz_broken.png" in (out / "errors.csv").read_text()
+
+
+def test_paths_that_are_not_utf8_reach_ray(tiny_config, tmp_path):
+    import os
+
+    from .conftest import write_images
+
+    folder = os.fsencode(tmp_path) + b"/imgs\xff"
+    write_images(Path(os.fsdecode(folder)), {"a.png": (64, 64)})
+    r = run_cli(_cli_args(os.fsdecode(folder), tiny_config, tmp_path / "out", "--features", "0"), timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

@@ -203,3 +203,16 @@ def test_model_errors_blame_the_right_flag(tmp_path, tiny_images, tiny_config, c
     assert main([*base, "--config", str(tiny_config), "--weights", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert f"--weights {tmp_path}: is a folder, not a file" in err, err
+
+
+def test_unreadable_requests_are_one_line(tmp_path, tiny_images, tiny_config, capsys):
+    spec = tmp_path / "job.yaml"
+    spec.write_bytes(b'features: "0-3"\nout: \xff\xfe\n')
+    glob = str(tiny_images / "[z-a]*.png")
+    cases = [(["--spec", str(spec)], "not UTF-8 text"),
+             (["--spec", str(tmp_path)], "is a folder, not a file"),
+             (["--config", str(tiny_config), "--images", glob], "not a valid glob")]
+    for argv, msg in cases:
+        assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and msg in err and "Traceback" not in err, err

@@ -28,11 +28,26 @@ def atomic_path(final: Path) -> Iterator[Path]:
     tmp = temp_name(final)
     try:
         yield tmp
+        _fsync(tmp)  # the data is on disk before the name says the file is complete (power loss)
         os.replace(tmp, final)
+        _fsync(final.parent)
     except BaseException:
         with suppress(OSError):
             tmp.unlink(missing_ok=True)
         raise
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # e.g. a folder on a file system that cannot sync folders
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -160,6 +160,8 @@ class LrpWorker:
                 self.stats["imports"] += 1
                 self._store(key, cache, meta)
                 return cache, meta, "import"
+            except OUT_OF_MEMORY:
+                raise
             except Exception:  # exporter died or evicted it: fall back to our own forward
                 pass
         images = ray.get(images_box[0], timeout=600)
@@ -183,6 +185,15 @@ class LrpWorker:
     def run_item(self, weights_box: list, item: dict, image_names: list[str], images_box: list,
                  cache_box: list | None) -> dict:
         """Rows of one work item as an Arrow table, plus where its forward cache came from."""
+        try:
+            return self._run_item(weights_box, item, image_names, images_box, cache_box)
+        except OUT_OF_MEMORY as exc:  # anywhere (forward, import, propagation, rows): free this actor's
+            self.caches.clear()       # caches; the driver retries the item as it is (same chunking)
+            self._empty_device_cache()
+            raise ItemOutOfMemory(f"out of memory on {self.device} ({type(exc).__name__})") from None
+
+    def _run_item(self, weights_box: list, item: dict, image_names: list[str], images_box: list,
+                  cache_box: list | None) -> dict:
         from .writer import result_to_table
 
         self._ensure_engine(weights_box)
@@ -193,14 +204,7 @@ class LrpWorker:
         features = list(item["features"])
         queries = item["queries"] if item["module"] == "decoder" else None
         t1 = time.perf_counter()
-        try:
-            res = self.engine.relevance(cache, item["module"], item["layer"], features, queries)
-        except OUT_OF_MEMORY as exc:  # free what this actor holds besides this batch; the driver retries
-            for key in [k for k in self.caches if k != item["batch_key"]]:
-                self.caches.pop(key)
-            cache.drop_derived()
-            self._empty_device_cache()
-            raise ItemOutOfMemory(f"out of memory on {self.device} ({type(exc).__name__})") from None
+        res = self.engine.relevance(cache, item["module"], item["layer"], features, queries)
         t2 = time.perf_counter()
         self._t["relevance"] = t2 - t1
         table = result_to_table(res, image_names, meta["image_sizes"], cfg=self.cfg)

@@ -166,7 +166,6 @@ def _main(argv: Sequence[str] | None, prog: str) -> int:
         print(line, flush=True)
 
     try:
-        interrupts.check()
         result = execute(prep, log_fn=log_fn, progress=False if args.no_progress else None)
     except BadRequest as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)

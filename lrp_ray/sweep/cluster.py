@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from . import interrupts
 from .errors import BadRequest
@@ -72,12 +73,8 @@ def connect(address: str | None) -> tuple[bool, str]:
     if addr != "auto" and addr != "local":
         _check_reachable(addr)
     try:
-        if addr == "local":
-            ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
-                     logging_level=logging.WARNING, log_to_driver=True)
-            return True, "local Ray instance (127.0.0.1)"
-        ray.init(address=addr, logging_level=logging.WARNING, log_to_driver=True)
-        return True, f"Ray cluster at {addr}"
+        with _encodable_argv_and_path():
+            return _init(ray, addr)
     except SystemExit as exc:  # Ray's own SIGTERM handler (sys.exit(15)) fired while it was starting
         if exc.code == signal.SIGTERM and interrupts.installed():
             with contextlib.suppress(Exception):
@@ -86,6 +83,43 @@ def connect(address: str | None) -> tuple[bool, str]:
         raise
     finally:  # ray.init installs its own SIGTERM handler: the CLI's (stop at a safe point) stays in force
         interrupts.keep_ours()
+
+
+@contextlib.contextmanager
+def _encodable_argv_and_path():
+    """Ray sends the driver's argv and sys.path as UTF-8: a folder name with undecodable bytes (an image
+    folder, the working folder) is shown in its escaped text form there, for the time of ``ray.init``."""
+    from lrp_ray.results import image_text
+
+    lists = [lst for lst in (sys.argv, sys.path, getattr(sys, "orig_argv", None)) if lst is not None]
+    saved = [list(lst) for lst in lists]
+    for lst in lists:
+        lst[:] = [image_text(x) if isinstance(x, str) else x for x in lst]
+    # Ray also reads the process's command line from the OS (its job "entrypoint")
+    utils = sys.modules.get("ray._private.utils")
+    entrypoint = getattr(utils, "get_entrypoint_name", None)
+    if entrypoint is not None:
+        utils.get_entrypoint_name = lambda: image_text(entrypoint())
+    cwd = os.getcwd()
+    if image_text(cwd) != cwd:  # Ray hands the working folder to its workers as UTF-8 text
+        os.chdir(Path(__file__).resolve().parents[2])
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+        for lst, old in zip(lists, saved, strict=True):
+            lst[:] = old
+        if entrypoint is not None:
+            utils.get_entrypoint_name = entrypoint
+
+
+def _init(ray: Any, addr: str) -> tuple[bool, str]:
+    if addr == "local":
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
+                 logging_level=logging.WARNING, log_to_driver=True)
+        return True, "local Ray instance (127.0.0.1)"
+    ray.init(address=addr, logging_level=logging.WARNING, log_to_driver=True)
+    return True, f"Ray cluster at {addr}"
 
 
 def _check_local_fit(n: int, opts: dict, cpus: float, gpus: float) -> None:

@@ -115,7 +115,10 @@ def _already_complete(prep: Prepared, sink: ResultSink, todo: list, log_fn: Call
     old = prep.old_manifest
     if todo or not prep.resumed or old is None or old.status != "complete":
         return False
-    if prep.run.heatmaps and (old.heatmaps is None or old.heatmaps.error):
+    if prep.run.heatmaps and (old.heatmaps is None or old.heatmaps.error
+                              or len(list((prep.out / "heatmaps").glob("*.png"))) < old.heatmaps.files):
+        return False
+    if old.counts is None or old.counts.images_failed != len(prep.errors):  # errors.csv must be rewritten
         return False
     if not (prep.out / "summary.csv").is_file() or sink.missing(prep.plan.items):
         return False
@@ -142,8 +145,12 @@ def _execute(prep: Prepared, log_fn: Callable[[str], None], progress: bool | Non
     t_start = time.perf_counter()
     run, out = prep.run, prep.out
     sink = ResultSink(out)
-    finished = set() if run.overwrite else sink.finished()
-    todo = [it for it in prep.plan.items if it.part_relpath not in finished]
+    # what is done is proven from disk (every planned part there with its rows), never from names alone:
+    # a short or corrupt part is computed again
+    planned = {it.part_relpath for it in prep.plan.items}
+    redo = planned if run.overwrite else set(sink.missing(prep.plan.items))
+    todo = [it for it in prep.plan.items if it.part_relpath in redo]
+    finished = planned - redo
     maps_before = sum(it.n_maps for it in prep.plan.items if it.part_relpath in finished)
     if _already_complete(prep, sink, todo, log_fn):
         manifest = prep.old_manifest.model_dump(mode="json")
@@ -156,7 +163,7 @@ def _execute(prep: Prepared, log_fn: Callable[[str], None], progress: bool | Non
         shutdown, desc, n_actors, opts, device, nodes = _connect(prep, len(todo))
     try:
         interrupts.check()
-        sink.open(run.overwrite, prep.errors)
+        sink.open(run.overwrite, prep.errors, todo)
         if prep.out_note:
             log_fn(prep.out_note)
         log_fn(f"results: {out}")
@@ -216,6 +223,9 @@ def _execute(prep: Prepared, log_fn: Callable[[str], None], progress: bool | Non
             output_error = OutputError(exc, f"{out / 'summary.csv'}")
             status, exit_code = "output_error", EXIT_OUTPUT
             log_fn(f"sweep stopped: {output_error}")
+        except Exception as exc:  # a part that cannot be read (changed behind the sweep's back)
+            status, exit_code = "incomplete", EXIT_INCOMPLETE
+            log_fn(f"summary failed: {one_line(exc, 300)}; run the same command again to recompute")
     t_sum = time.perf_counter() - t_sum
     heatmaps = _render_heatmaps(prep, log_fn) if run.heatmaps and status == "complete" else None
     if heatmaps and heatmaps.get("error"):  # a requested step that failed: not complete

@@ -21,6 +21,7 @@ import numpy as np
 
 from lrp_ray.results import image_path, image_text
 
+from . import interrupts
 from .spec import BadRequest
 from .writer import atomic_path
 
@@ -107,8 +108,7 @@ def _walk(root: Path, exclude: Path | None) -> list[str]:
     folder once (a link loop such as ``sub/up -> ..`` ends there) and naming every real file once (its
     first name in sorted order)."""
     seen_dirs: set[tuple[int, int]] = set()
-    seen_files: set[tuple[int, int]] = set()
-    names: list[str] = []
+    found: list[tuple[str, tuple[int, int]]] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         st = os.stat(dirpath)
         if (st.st_dev, st.st_ino) in seen_dirs:
@@ -124,12 +124,16 @@ def _walk(root: Path, exclude: Path | None) -> list[str]:
                 fst = os.stat(path)
                 key = (fst.st_dev, fst.st_ino)
             except OSError:  # a dangling link: kept, validation reports it
-                key = (-1, len(names))
-            if key in seen_files:
-                continue
+                key = (-1, len(found))
+            found.append((image_text(path.relative_to(root).as_posix()), key))
+            interrupts.check()
+    names: list[str] = []
+    seen_files: set[tuple[int, int]] = set()
+    for name, key in sorted(found):
+        if key not in seen_files:
             seen_files.add(key)
-            names.append(image_text(path.relative_to(root).as_posix()))
-    return sorted(names)
+            names.append(name)
+    return names
 
 
 def discover(images: str, exclude: Path | None = None) -> ImageSet:
@@ -152,7 +156,10 @@ def discover(images: str, exclude: Path | None = None) -> ImageSet:
             static.append(part)
         root = Path(*static) if static else Path(".")
         rest = Path(*parts[len(static):]).as_posix()
-        pattern = _glob_regex(rest)
+        try:
+            pattern = _glob_regex(rest)
+        except re.error as exc:
+            raise BadRequest(f"--images {images}: not a valid glob ({exc})") from None
         names = [n for n in _walk(root, exclude) if pattern.fullmatch(n)] if root.is_dir() else []
         if not names:
             raise BadRequest(f"--images {images}: the glob matches no image files ({exts})")
@@ -190,8 +197,14 @@ def _check_one(image_set: ImageSet, name: str) -> ImageInfo | ImageError:
 
 def validate(image_set: ImageSet, threads: int = 4) -> tuple[list[ImageInfo], list[ImageError]]:
     """Read every image once; usable ones (with size and content hash) and the ones that failed."""
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        results = list(pool.map(lambda n: _check_one(image_set, n), image_set.names))
+    pool = ThreadPoolExecutor(max_workers=max(1, threads))
+    results = []
+    try:
+        for r in pool.map(lambda n: _check_one(image_set, n), image_set.names):
+            results.append(r)
+            interrupts.check()  # a stop request (Ctrl-C, SIGTERM) is honoured between images
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     ok = [r for r in results if isinstance(r, ImageInfo)]
     bad = [r for r in results if isinstance(r, ImageError)]
     return ok, bad

@@ -54,6 +54,9 @@ class OutputLock:
             f.close()
             raise BadRequest(f"--out {self.path.parent}: in use by another sweep ({_describe(holder)}); "
                              "wait for it to finish or use another --out") from None
+        if not _same_file(f, self.path):  # the holder removed the file as we opened it: take the new one
+            f.close()
+            return self.acquire()
         f.seek(0)
         f.truncate()
         f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
@@ -79,6 +82,15 @@ class OutputLock:
     @property
     def held(self) -> bool:
         return self._file is not None
+
+
+def _same_file(f: IO[str], path: Path) -> bool:
+    """Whether the open lock file is still the one at ``path`` (not unlinked or replaced)."""
+    try:
+        a, b = os.fstat(f.fileno()), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _describe(text: str) -> str:

@@ -38,6 +38,7 @@ class SweepLoop:
         self.attempts: Counter[str] = Counter()
         self.system_attempts: Counter[str] = Counter()
         self.images: dict[int, Any] = {}
+        self.digests = {i.name: i.sha1 for i in prep.images}
         self.exports: dict[int, tuple[int, Any]] = {}
         self.stats = Counter({k: 0 for k in ("forward_passes", "cache_hits", "cache_transfers", "exports",
                                              "item_retries", "maps")})
@@ -102,13 +103,14 @@ class SweepLoop:
         images, unreadable = [], []
         for name in a.batch.images:
             try:
-                images.append(read_image(image_path(self.prep.image_root, name)))
+                images.append(self._read_checked(name, read_image, image_path))
             except Exception as exc:  # changed or vanished since it was validated
                 unreadable.append(f"{name} ({getattr(exc, 'reason', None) or one_line(exc, 200)})")
         if unreadable:
             # the batch's composition is part of the request (DETR pads a batch to its largest image), so
             # its items fail, naming the image; validation on the next run reports it in errors.csv
             reason = f"image changed or vanished since it was checked: {'; '.join(unreadable)}"
+            # (the next run checks the images again: the request has then changed, and says so)
             first = self.placement.failed(a.item)
             items, closed = self.placement.fail_batch(a.batch.index)
             for it in [a.item, *items]:
@@ -118,6 +120,17 @@ class SweepLoop:
         self.seconds["read_images"] += time.perf_counter() - t0
         self.images[a.batch.index] = self.fleet.ray.put(images)
         return True
+
+    def _read_checked(self, name: str, read_image: Any, image_path: Any) -> Any:
+        """The image, if its content is still what was checked (its digest is part of the request)."""
+        import hashlib
+
+        path = image_path(self.prep.image_root, name)
+        before = hashlib.sha1(path.read_bytes()).hexdigest()
+        arr = read_image(path)
+        if before != self.digests[name] or hashlib.sha1(path.read_bytes()).hexdigest() != before:
+            raise ValueError("its content changed since it was checked")
+        return arr
 
     # ------------------------------------------------------------------ outcomes
     def _on_outcome(self, o: Outcome) -> None:
@@ -130,7 +143,7 @@ class SweepLoop:
             give_up = self.attempts[o.uid] >= self.policy.max_item_retries
         else:
             self.system_attempts[o.uid] += 1
-            give_up = self.system_attempts[o.uid] > self.policy.max_system_retries
+            give_up = self.system_attempts[o.uid] >= self.policy.max_system_retries
         if give_up:
             what = "" if o.kind == "error" else "gave up after repeated worker failures: "
             self._fail(it, what + o.reason)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import interrupts
 from .errors import BadRequest, one_line
 from .images import (
@@ -130,13 +132,14 @@ def _load_model(spec: SweepSpec, log_fn: Callable[[str], None]) -> Any:
         raise BadRequest(f"{what}: {one_line(exc, 1200)}") from None
 
 
-def _file_sha(path: str | None) -> str | None:
-    if path is None:
-        return None
+def _weights_digest(state: dict) -> str:
+    """sha256 of the weights the actors get (names, dtypes, shapes, values): also covers the bundled demo
+    checkpoint and the seeded random weights of a config without a checkpoint."""
     h = hashlib.sha256()
-    with open(Path(path).expanduser(), "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for name in sorted(state):
+        a = state[name]
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
     return h.hexdigest()
 
 
@@ -213,7 +216,7 @@ def prepare(spec: SweepSpec, log_fn: Callable[[str], None] = print) -> Prepared:
         per_feature["decoder"] = targets_per_feature(queries, dims["num_queries"])
     result = ResultSpec(
         schema_version=_schema_version(), model=cfg.model_dump(mode="json"),
-        weights_sha256=_file_sha(spec.weights), numerics=numerics,
+        weights_sha256=_weights_digest(state), numerics=numerics,
         images=[(i.name, i.sha1) for i in ok], batch_size=spec.batch_size, layers=layers,
         features=format_indices(features), queries=queries, item_features=spec.item_features,
         rules=spec.rules, epsilon=spec.epsilon, precision=spec.precision)

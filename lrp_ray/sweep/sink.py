@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +58,16 @@ class ResultSink:
         """Part paths already in OUT (work items a resumed run skips)."""
         return done_keys(self.dataset)
 
-    def open(self, overwrite: bool, errors: list) -> None:
-        """Make OUT ready: clear it (``overwrite``), drop temp files left behind, write errors.csv."""
+    def open(self, overwrite: bool, errors: list, redo: Iterable[WorkItem] = ()) -> None:
+        """Make OUT ready: clear it (``overwrite``), drop temp files left behind and the parts of ``redo``
+        (short or unreadable ones, about to be computed again), write errors.csv."""
         from .summary import write_errors
 
         try:
             if overwrite:
                 clear_outputs(self.out)
+            for it in redo:
+                (self.dataset / it.part_relpath).unlink(missing_ok=True)
             self.dataset.mkdir(parents=True, exist_ok=True)
             clean_temp_files(self.dataset)
             write_errors(self.out, errors)

@@ -163,7 +163,7 @@ class ResultSpec(BaseModel):
 
     schema_version: int
     model: dict[str, Any] = Field(description="the model config as loaded (architecture, preprocessing)")
-    weights_sha256: str | None
+    weights_sha256: str | None = Field(description="digest of the weights as loaded")
     numerics: dict[str, Any] = Field(description="the engine's constants that decide its arithmetic")
     images: list[tuple[str, str]] = Field(description="(name, content digest) of every usable image, in "
                                                       "batch order")
@@ -232,7 +232,7 @@ def load_spec(path: str | Path) -> dict[str, Any]:
     """Read a YAML job file into a dict of spec keys (validated later, merged with flags)."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise BadRequest(f"--spec {path}: file not found")
+        raise BadRequest(f"--spec {path}: {'is a folder, not a file' if p.is_dir() else 'file not found'}")
     data = load_mapping(p, f"--spec {path}", BadRequest, "a mapping of spec keys")
     # relative model / image paths in a job file are relative to the working directory (as on the command
     # line), so that `ray job submit --working-dir .` and a local run behave the same
