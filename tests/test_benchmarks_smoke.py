@@ -126,5 +126,5 @@ def test_concepts_cpu_smoke(tmp_path):
         assert [p["top"] for p in case["profiles"]][0] == 1
         assert {r["module"] for r in case["conditional"]} == {"encoder", "decoder"}
         for row in case["conditional"]:
-            assert row["k"] == 8 and row["ours_s"] > 0 and row["hook_s"] > 0 and row["restart_s"] > 0
+            assert row["k"] >= 8 and row["ours_s"] > 0 and row["hook_s"] > 0 and row["restart_s"] > 0
             assert row["max_rel_diff_restart"] < 1e-4 and row["max_rel_diff_hook"] < 1e-4, row
