@@ -109,9 +109,9 @@ def _history(prep: Prepared) -> list[dict]:
     return [*old.history, last]
 
 
-def _already_complete(prep: Prepared, sink: ResultSink, todo: list, log_fn: Callable[[str], None]) -> bool:
-    """Nothing to compute or render in a folder whose manifest says complete (and its parts agree): the
-    run is reported without writing anything (so this works on read-only storage too)."""
+def _already_complete(prep: Prepared, todo: list, log_fn: Callable[[str], None]) -> bool:
+    """Nothing to compute (``todo``, from the parts on disk) or render in a folder whose manifest says
+    complete: the run is reported without writing anything (so this works on read-only storage too)."""
     old = prep.old_manifest
     if todo or not prep.resumed or old is None or old.status != "complete":
         return False
@@ -120,7 +120,7 @@ def _already_complete(prep: Prepared, sink: ResultSink, todo: list, log_fn: Call
         return False
     if old.counts is None or old.counts.images_failed != len(prep.errors):  # errors.csv must be rewritten
         return False
-    if not (prep.out / "summary.csv").is_file() or sink.missing(prep.plan.items):
+    if not (prep.out / "summary.csv").is_file():
         return False
     log_fn(f"results: {prep.out}")
     log_fn(f"already complete: all {len(prep.plan.items)} work items are in OUT; nothing to compute")
@@ -152,7 +152,7 @@ def _execute(prep: Prepared, log_fn: Callable[[str], None], progress: bool | Non
     todo = [it for it in prep.plan.items if it.part_relpath in redo]
     finished = planned - redo
     maps_before = sum(it.n_maps for it in prep.plan.items if it.part_relpath in finished)
-    if _already_complete(prep, sink, todo, log_fn):
+    if _already_complete(prep, todo, log_fn):
         manifest = prep.old_manifest.model_dump(mode="json")
         return SweepResult(out, EXIT_IMAGES_FAILED if prep.errors else EXIT_OK, manifest, prep.errors, {})
     fleet, loop, shutdown, desc, device, nodes = None, None, False, "nothing to compute", None, []

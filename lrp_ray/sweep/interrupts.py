@@ -14,7 +14,7 @@ import signal
 import threading
 from typing import Any
 
-__all__ = ["install", "uninstall", "keep_ours", "check", "requested", "installed"]
+__all__ = ["install", "uninstall", "keep_ours", "check", "installed"]
 
 _state = {"installed": False, "requested": False}
 _previous: dict[int, Any] = {}
@@ -56,10 +56,6 @@ def keep_ours() -> None:
 
 def installed() -> bool:
     return bool(_state["installed"])
-
-
-def requested() -> bool:
-    return bool(_state["requested"])
 
 
 def check() -> None:

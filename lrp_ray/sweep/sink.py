@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import OutputError
 from .plan import WorkItem
-from .writer import OWNED_NAMES, clean_temp_files, clear_outputs, done_keys, write_part
+from .writer import OWNED_NAMES, clean_temp_files, clear_outputs, write_part
 
 __all__ = ["ResultSink", "read_manifest", "versions", "OWNED_NAMES"]
 
@@ -53,10 +53,6 @@ class ResultSink:
         self.rows = 0
         self.duplicates = 0
         self.seconds = 0.0
-
-    def finished(self) -> set[str]:
-        """Part paths already in OUT (work items a resumed run skips)."""
-        return done_keys(self.dataset)
 
     def open(self, overwrite: bool, errors: list, redo: Iterable[WorkItem] = ()) -> None:
         """Make OUT ready: clear it (``overwrite``), drop temp files left behind and the parts of ``redo``
