@@ -15,10 +15,18 @@ import numpy as np
 import pandas as pd
 
 from .lrp import EngineConfig, LrpEngine, RelevanceResult
-from .lrp.concepts import conditional_maps, detection_relevance, top_channels
-from .lrp.detections import DetectionSelection, parse_selection, select_detections
+from .lrp.concepts import explain_batch
+from .lrp.detections import DetectionSelection, parse_selection, resolve_class_name
 from .models import ImageReadError, load_model, preprocess, read_image
 from .results import backbone_stride, empty_frame, image_text
+from .results.detections import (
+    CONCEPT_MAP_SCHEMA,
+    CONCEPT_SCHEMA,
+    DETECTION_SCHEMA,
+    concepts_by_class,
+    detection_tables,
+    tables_to_frames,
+)
 from .sweep.images import IMAGE_EXTENSIONS
 
 __all__ = ["load_model", "explain", "explain_arrays", "engine_for", "IMAGE_EXTENSIONS", "list_images",
@@ -122,28 +130,23 @@ def explain(model: Any, images: str | Path | Sequence[str | Path | np.ndarray], 
 
 
 # ------------------------------------------------------------------------------------------ detections
-DETECTION_COLUMNS = ("image", "query", "class_id", "score", "x0", "y0", "x1", "y1", "image_h", "image_w",
-                     "logit", "input_relevance", "bias_relevance", "pos_relevance", "softmax_relevance",
-                     "token_map", "grid_h", "grid_w")
+DETECTION_COLUMNS = tuple(DETECTION_SCHEMA.names)
 """Columns of :attr:`DetectionExplanation.detections`: one row per explained detection (box xyxy in
 original image pixels; ``logit`` the relevance it starts with; ``token_map`` its unconditional map)."""
-CONCEPT_COLUMNS = ("image", "query", "class_id", "module", "layer", "feature", "relevance", "share",
-                   "other_relevance", "other_share")
+CONCEPT_COLUMNS = tuple(CONCEPT_SCHEMA.names)
 """Columns of :attr:`DetectionExplanation.concepts`: per detection, layer and channel; encoder: summed
 over valid tokens; decoder: on the detection's own query, ``other_*`` over the other queries (encoder
 NaN); shares are of the logit."""
-HEATMAP_COLUMNS = ("image", "query", "class_id", "module", "layer", "feature", "rank", "relevance",
-                   "token_map", "grid_h", "grid_w")
+HEATMAP_COLUMNS = tuple(CONCEPT_MAP_SCHEMA.names)
 """Columns of :attr:`DetectionExplanation.heatmaps`: the map conditioned on one channel at one layer
 (``rank`` 0 = most relevant; ``relevance`` the concept's), row-major over the image's valid grid."""
-
-_INT_COLUMNS = {"query", "class_id", "layer", "feature", "rank", "grid_h", "grid_w", "image_h", "image_w"}
 
 
 @dataclass
 class DetectionExplanation:
-    """What :func:`explain_detections` returns: three frames, and the images without a detection that
-    passed the selection (``no_detections``) or that could not be read (``errors``)."""
+    """What :func:`explain_detections` returns: three frames (the layouts of a sweep's ``detections/``,
+    ``concepts/`` and ``concept_maps/`` datasets), and the images without a detection that passed the
+    selection (``no_detections``) or that could not be read (``errors``)."""
 
     detections: pd.DataFrame
     concepts: pd.DataFrame
@@ -162,35 +165,7 @@ class DetectionExplanation:
         mean share, highest first: a class's first rows answer "which features does the model use for
         it". ``detections`` counts the detections of the class."""
         k = self.top_concepts if top_k is None else int(top_k)
-        if self.concepts.empty:
-            return pd.DataFrame(columns=list(BY_CLASS_COLUMNS))
-        c = self.concepts
-        rank = c.groupby(["image", "query", "class_id", "module", "layer"])["relevance"].rank(
-            ascending=False, method="first")
-        c = c.assign(in_top=(rank <= k).astype(np.float64))
-        out = c.groupby(["class_id", "module", "layer", "feature"], sort=False).agg(
-            detections=("share", "size"), share_mean=("share", "mean"), share_std=("share", "std"),
-            relevance_mean=("relevance", "mean"), top_k_rate=("in_top", "mean")).reset_index()
-        out["share_std"] = out["share_std"].fillna(0.0)
-        out = out.sort_values(["class_id", "share_mean"], ascending=[True, False], kind="stable")
-        return out.reset_index(drop=True)[list(BY_CLASS_COLUMNS)]
-
-
-BY_CLASS_COLUMNS = ("class_id", "module", "layer", "feature", "detections", "share_mean", "share_std",
-                    "relevance_mean", "top_k_rate")
-"""Columns of :meth:`DetectionExplanation.concepts_by_class`."""
-
-
-def _frame(rows: list[dict[str, Any]], columns: Sequence[str]) -> pd.DataFrame:
-    df = pd.DataFrame(rows, columns=list(columns))
-    for c in columns:
-        if c in _INT_COLUMNS:
-            df[c] = df[c].astype(np.int32)
-        elif c in ("image", "module", "token_map"):
-            df[c] = df[c].astype(object)
-        else:
-            df[c] = df[c].astype(np.float64)
-    return df
+        return concepts_by_class([self.concepts], k)
 
 
 LayerSelection = int | Iterable[int] | Mapping[str, Iterable[int]] | None
@@ -219,39 +194,20 @@ def _detection_layers(engine: LrpEngine, module: str, layers: LayerSelection) ->
     return out
 
 
-@dataclass(frozen=True)
-class _DetKey:
-    """The identifying columns of a detection's rows."""
-
-    names: Sequence[str]
-    query: np.ndarray
-    class_id: np.ndarray
-
-    def __call__(self, b: int, m: int) -> dict[str, Any]:
-        return {"image": self.names[b], "query": int(self.query[b, m]), "class_id": int(self.class_id[b, m])}
-
-
-def _valid_map(a: np.ndarray, hw: np.ndarray) -> np.ndarray:
-    """A padded-grid map cut to the image's valid grid, row-major float32."""
-    return np.ascontiguousarray(a[:hw[0], :hw[1]], dtype=np.float32).reshape(-1)
-
-
-def _safe_share(r: np.ndarray, total: float) -> np.ndarray:
-    return r / total if total != 0 else np.full_like(r, np.nan)
-
-
 def explain_detections(model: Any, images: str | Path | Sequence[str | Path | np.ndarray],
                        detections: DetectionSelection = "top5", module: str = "both",
                        layers: LayerSelection = None,
                        top_concepts: int = 5, rules: str = "cp", epsilon: float = 1e-6,
                        precision: str = "fp32", device: str = "auto", batch_size: int = 4,
+                       class_names: Sequence[str] | None = None,
                        engine: LrpEngine | None = None) -> DetectionExplanation:
     """Explain detections: relevance from each detection's class logit to the input tokens, the
     relevance of every channel at the requested layers (concepts) and, for the ``top_concepts`` channels
     of each detection and layer, the token map conditioned on that channel (one pass per layer).
 
     ``detections``: ``'topK'`` per image by score, ``'score>=X'``, ``'class=C'`` (predicted class) or
-    explicit ``(query, class_id)`` pairs; bad selections raise ValueError. ``layers``: None (every layer
+    explicit ``(query, class_id)`` pairs; with ``class_names`` (index = class id) also ``'class=<name>'``,
+    and rows carry ``class_name``; bad selections raise ValueError. ``layers``: None (every layer
     of ``module``), ints (for each module) or ``{"encoder": [...], "decoder": [...]}``. Images with no
     detection passing the selection are listed in ``no_detections``; unreadable ones in ``errors``.
     """
@@ -260,6 +216,7 @@ def explain_detections(model: Any, images: str | Path | Sequence[str | Path | np
     if int(top_concepts) < 0:
         raise ValueError(f"top_concepts must be >= 0, got {top_concepts}")
     engine = engine or engine_for(model, rules, epsilon, device, precision)
+    detections = resolve_class_name(detections, class_names)
     parse_selection(detections, int(engine.parts.query_embed.weight.shape[0]),
                     int(engine.parts.class_embed.weight.shape[0]) - 1)
     want = _detection_layers(engine, module, layers)
@@ -267,57 +224,16 @@ def explain_detections(model: Any, images: str | Path | Sequence[str | Path | np
         images = list_images(images)
     arrays, ids, errors = _read_inputs(images)
     cfg = _preprocessing(engine, model)
-    det_rows: list[dict[str, Any]] = []
-    concept_rows: list[dict[str, Any]] = []
-    map_rows: list[dict[str, Any]] = []
-    empty: list[str] = []
+    tables, empty = [], []
     for i in range(0, len(arrays), batch_size):
         names = ids[i:i + batch_size]
         batch = preprocess(list(arrays[i:i + batch_size]), cfg)
-        cache = engine.forward(batch)
-        dets = select_detections(cache, detections)
-        empty += [names[b] for b in dets.no_detections]
-        if not dets.valid.any():
-            continue
-        rel = detection_relevance(engine, cache, dets, want)
-        slots = dets.items()
-        hw = rel.valid_hw
-        key = _DetKey(names, dets.query, dets.class_id)
-        for b, m in slots:
-            x0, y0, x1, y1 = (float(v) for v in dets.boxes[b, m])
-            det_rows.append({**key(b, m), "score": float(dets.score[b, m]), "x0": x0, "y0": y0, "x1": x1,
-                             "y1": y1, "image_h": int(batch.image_sizes[b][0]),
-                             "image_w": int(batch.image_sizes[b][1]), "logit": float(rel.logit[b, m]),
-                             "input_relevance": float(rel.input_relevance[b, m]),
-                             "bias_relevance": float(rel.bias_relevance[b, m]),
-                             "pos_relevance": float(rel.pos_relevance[b, m]),
-                             "softmax_relevance": float(rel.softmax_relevance[b, m]),
-                             "token_map": _valid_map(rel.token_maps[b, m], hw[b]), "grid_h": int(hw[b, 0]),
-                             "grid_w": int(hw[b, 1])})
-        for (mod, layer), conc in sorted(rel.concepts.items()):
-            other = rel.others.get((mod, layer))
-            for b, m in slots:
-                total = float(rel.logit[b, m])
-                r = conc[b, m]
-                o = other[b, m] if other is not None else np.full_like(r, np.nan)
-                share, oshare = _safe_share(r, total), _safe_share(o, total)
-                base = {**key(b, m), "module": mod, "layer": layer}
-                concept_rows += [{**base, "feature": f, "relevance": float(r[f]), "share": float(share[f]),
-                                  "other_relevance": float(o[f]), "other_share": float(oshare[f])}
-                                 for f in range(len(r))]
-            if int(top_concepts) == 0:
-                continue
-            chans = top_channels(rel, mod, layer, int(top_concepts))
-            cond = conditional_maps(engine, cache, rel, mod, layer, chans)
-            for b, m in slots:
-                for k in range(chans.shape[-1]):
-                    map_rows.append({**key(b, m), "module": mod, "layer": layer,
-                                     "feature": int(chans[b, m, k]), "rank": k,
-                                     "relevance": float(cond.target_relevance[b, m, k]),
-                                     "token_map": _valid_map(cond.token_maps[b, m, k], hw[b]),
-                                     "grid_h": int(hw[b, 0]), "grid_w": int(hw[b, 1])})
+        out = explain_batch(engine, engine.forward(batch), detections, want, int(top_concepts))
+        tables.append(detection_tables(out, names, batch.image_sizes, cfg, class_names, batch.input_sizes))
+        empty += [names[b] for b in out.dets.no_detections]
+    frames = tables_to_frames(tables)
     return DetectionExplanation(
-        detections=_frame(det_rows, DETECTION_COLUMNS), concepts=_frame(concept_rows, CONCEPT_COLUMNS),
-        heatmaps=_frame(map_rows, HEATMAP_COLUMNS), no_detections=empty, errors=errors,
+        detections=frames["detections"], concepts=frames["concepts"], heatmaps=frames["concept_maps"],
+        no_detections=empty, errors=errors,
         rules=engine.rules.name, epsilon=float(engine.rules.epsilon), precision=engine.config.precision,
         top_concepts=int(top_concepts))

@@ -31,7 +31,8 @@ from .rules import token_dot
 if TYPE_CHECKING:
     from .engine import LrpEngine
 
-__all__ = ["DetectionRelevance", "ConditionalMaps", "detection_relevance", "conditional_maps",
+__all__ = ["DetectionRelevance", "ConditionalMaps", "DetectionBatch", "explain_batch", "detection_relevance",
+           "conditional_maps",
            "top_channels", "check_layers", "OTHER_QUERIES", "MEMORY_BYPASS"]
 
 OTHER_QUERIES = -1
@@ -216,3 +217,34 @@ def top_channels(rel: DetectionRelevance, module: str, layer: int, k: int) -> np
     c = rel.concepts[(module, layer)]
     k = max(0, min(int(k), c.shape[-1]))
     return np.argsort(-c, axis=-1, kind="stable")[..., :k]
+
+
+@dataclass
+class DetectionBatch:
+    """Everything a detection target computes for one image batch: the selected detections, their
+    propagation (None when nothing was selected) and, per tapped layer, the maps conditioned on each
+    detection's top channels (empty when ``top_concepts`` is 0)."""
+
+    dets: DetectionSet
+    relevance: DetectionRelevance | None
+    conditional: dict[LayerKey, ConditionalMaps] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def explain_batch(engine: LrpEngine, cache: ForwardCache, selection: Sequence[tuple[int, int]] | str,
+                  layers: Mapping[str, Sequence[int]], top_concepts: int) -> DetectionBatch:
+    """Select detections on ``cache`` (see :func:`select_detections`), propagate them once with the
+    concepts at ``layers``, and compute the ``top_concepts`` conditional maps of every tapped layer (one
+    vectorised pass per layer)."""
+    from .detections import select_detections
+
+    dets = select_detections(cache, selection)
+    if not dets.valid.any():
+        return DetectionBatch(dets, None)
+    rel = detection_relevance(engine, cache, dets, layers)
+    out = DetectionBatch(dets, rel)
+    if int(top_concepts) > 0:
+        for module, layer in sorted(rel.concepts):
+            chans = top_channels(rel, module, layer, int(top_concepts))
+            out.conditional[(module, layer)] = conditional_maps(engine, cache, rel, module, layer, chans)
+    return out

@@ -23,14 +23,15 @@ from .forward import layer_norm
 from .propagate import Ledger, Visit, propagate_from
 from .rules import RuleSet
 
-__all__ = ["DetectionSet", "DetectionSelection", "parse_selection", "select_detections", "logit_start",
-           "propagate_from", "Visit"]
+__all__ = ["DetectionSet", "DetectionSelection", "parse_selection", "resolve_class_name", "select_detections",
+           "logit_start", "propagate_from", "Visit"]
 
 DetectionSelection = str | Sequence[tuple[int, int]]
 """``'topK'``, ``'score>=X'``, ``'class=C'`` or explicit ``(query, class_id)`` pairs."""
 
 _SCORE = re.compile(r"\s*score\s*>=\s*([0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)\s*")
 _CLASS = re.compile(r"\s*class\s*=\s*(\d+)\s*")
+_CLASS_NAME = re.compile(r"\s*class\s*=\s*(.+?)\s*", re.S)
 
 
 @dataclass
@@ -59,6 +60,25 @@ class DetectionSet:
     def items(self) -> list[tuple[int, int]]:
         """(image, slot) of every real detection, image-major."""
         return [(int(b), int(m)) for b, m in zip(*np.nonzero(self.valid), strict=True)]
+
+
+def resolve_class_name(selection: DetectionSelection,
+                       class_names: Sequence[str] | None) -> DetectionSelection:
+    """``'class=<name>'`` -> ``'class=<id>'`` by ``class_names`` (ValueError naming the known names);
+    every other selection unchanged."""
+    if not isinstance(selection, str) or _CLASS.fullmatch(selection):
+        return selection
+    m = _CLASS_NAME.fullmatch(selection)
+    if not m:
+        return selection
+    name = m.group(1)
+    if not class_names:
+        raise ValueError(f"detections {selection!r}: a class name needs class names (give class ids, or "
+                         f"class names with the model)")
+    if name not in class_names:
+        known = ", ".join(repr(n) for n in list(class_names)[:20])
+        raise ValueError(f"detections {selection!r}: unknown class {name!r} (known: {known})")
+    return f"class={list(class_names).index(name)}"
 
 
 def parse_selection(selection: DetectionSelection, num_queries: int,
