@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -73,17 +74,19 @@ def detection_faithfulness(engine: LrpEngine, cfg: Any, images: dict[str, np.nda
                            seed: int = 0) -> pd.DataFrame:
     """Deletion curves and pointing game for every row of ``detections`` (the frame
     :func:`lrp_ray.api.explain_detections` returns). ``images`` maps each detection's ``image`` id to its
-    RGB array or file (stored names are resolved with :func:`lrp_ray.results.image_path` against ``""``)."""
+    RGB array or file (stored names are resolved with :func:`lrp_ray.results.image_path` against ``""``).
+    The random orders of a detection are seeded by ``seed`` and the detection's identity (image, query,
+    class), so its figures do not depend on which other detections are in the frame."""
     stride = backbone_stride(cfg)
     rows = []
-    for k, d in enumerate(detections.itertuples(index=False)):
+    for d in detections.itertuples(index=False):
         src = images[d.image]
         arr = src if isinstance(src, np.ndarray) else read_image(image_path("", str(src)))
         tmap = np.asarray(d.token_map, dtype=np.float64).reshape(int(d.grid_h), int(d.grid_w))
         image_hw = (int(d.image_h), int(d.image_w))
         input_hw = resize_shape(*image_hw, int(cfg.min_size_test), int(cfg.max_size_test))
         fr, rel, rnd = _deletion(engine, arr, cfg, tmap, int(d.query), int(d.class_id), steps, n_random,
-                                 seed + k)
+                                 seed + zlib.crc32(f"{d.image}|{int(d.query)}|{int(d.class_id)}".encode()))
         hit = _cell_hits(tmap, (d.x0, d.y0, d.x1, d.y1), image_hw, input_hw, stride)
         rows.append({"image": d.image, "query": int(d.query), "class_id": int(d.class_id),
                      "pointing_hit": hit, "auc_relevance": _area(rel, fr), "auc_random": _area(rnd, fr),

@@ -92,3 +92,10 @@ def test_no_arguments_runs_the_bundled_demo(tmp_path):
     assert sorted(df.feature.unique()) == [0, 1, 2, 3]  # a quick first run: a few features ...
     assert set(df.module.astype(str)) == {"encoder", "decoder"}  # ... of every layer of both modules
     assert (out / "summary.csv").is_file() and (out / "errors.csv").is_file()
+    # ... and explains every car the demo model finds: concepts, conditional maps, ranking, faithfulness
+    dets = pd.read_parquet(out / "detections")
+    assert len(dets) == m["detections"]["detections"] > 0 and set(dets["class_name"]) == {"car"}
+    by_class = pd.read_csv(out / "concepts_by_class.csv")
+    assert set(by_class["class_name"]) == {"car"} and len(by_class) == 6 * 64  # 3 + 3 layers x 64
+    assert len(pd.read_parquet(out / "faithfulness")) == len(dets)
+    assert "detections explained" in proc.stdout

@@ -91,15 +91,6 @@ def test_every_item_is_settled_once_and_batches_close_with_their_holders():
     assert all(c.actors for c in closed)
 
 
-def test_failing_a_batch_fails_its_pending_items_and_closes_it():
-    p = plan(n_images=2, layers=(0,))
-    pl = Placement(p.batches, p.items, budget_bytes=1 << 30)
-    a = pl.assign(0)
-    pl.failed(a.item)
-    items, closed = pl.fail_batch(0)
-    assert len(items) == len(p.items) - 1 and closed is not None and pl.remaining == 0
-
-
 @settings(max_examples=60, deadline=None)
 @given(n_images=st.integers(1, 7), batch_size=st.integers(1, 3), features=st.integers(1, 5),
        chunk=st.integers(1, 3), actors=st.integers(1, 3), budget=st.integers(1, 400),

@@ -228,8 +228,7 @@ def test_file_names_that_are_not_utf8_are_processed_and_stored_reversibly(ray_se
     assert len(rows) == 1 and rows.image.iloc[0].endswith("bad\\xff\\xfename.png")
 
 
-def test_an_image_that_vanishes_after_checking_fails_only_its_batch_naming_it(ray_session, tiny_config,
-                                                                              tmp_path):
+def test_an_image_that_vanishes_after_checking_costs_only_itself(ray_session, tiny_config, tmp_path):
     from lrp_ray.sweep import execute
 
     from .conftest import write_images
@@ -241,9 +240,9 @@ def test_an_image_that_vanishes_after_checking_fails_only_its_batch_naming_it(ra
     prep = prepare(spec, log_fn=lambda s: None)
     (images / "c.png").unlink()  # batch 2 of 2 (c.png, d.png)
     res = execute(prep, log_fn=lambda s: None, progress=False)
-    assert res.exit_code == 3 and res.manifest["status"] == "incomplete"
-    assert res.failed_items and all("c.png" in why for why in res.failed_items.values())
-    assert set(load(tmp_path / "out").image) == {"a.png", "b.png"}
+    assert res.exit_code == 1 and res.manifest["status"] == "complete" and not res.failed_items
+    assert [e.name for e in res.errors] == ["c.png"] and "vanished" in res.errors[0].reason
+    assert set(load(tmp_path / "out").image) == {"a.png", "b.png", "d.png"}  # its batch mate d.png too
     assert not (tmp_path / "out" / LOCK_NAME).is_file() or not prep.lock.held  # released
 
 
@@ -288,8 +287,8 @@ def test_an_image_whose_content_changed_after_checking_is_not_used(ray_session, 
                              layers="0", actors=1), log_fn=lambda s: None)
     Image.fromarray(np.zeros((66, 64, 3), np.uint8)).save(images / "b.png")  # same name, other pixels
     res = execute(prep, log_fn=lambda s: None, progress=False)
-    assert res.exit_code == 3
-    assert res.failed_items and all("b.png" in why and "changed" in why for why in res.failed_items.values())
+    assert res.exit_code == 1 and not res.failed_items
+    assert [e.name for e in res.errors] == ["b.png"] and "content changed" in res.errors[0].reason
     assert set(load(tmp_path / "out").image) == {"a.png"}
 
 

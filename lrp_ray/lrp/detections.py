@@ -125,8 +125,9 @@ def parse_selection(selection: DetectionSelection, num_queries: int,
 def select_detections(cache: ForwardCache, selection: DetectionSelection) -> DetectionSet:
     """The detections ``selection`` picks in each image of ``cache`` (by score, highest first).
 
-    ``topK``/``score>=X``/``class=C`` use each query's predicted class (never the no-object class); pairs
-    explain the given class of the given query in every image.
+    ``topK``/``score>=X`` use each query's most probable object class (never the no-object class);
+    ``class=C`` picks the queries whose prediction is C (queries predicting no-object are not
+    detections); pairs explain the given class of the given query in every image.
     """
     from ..models.postprocess import box_cxcywh_to_xyxy
 
@@ -135,6 +136,7 @@ def select_detections(cache: ForwardCache, selection: DetectionSelection) -> Det
     kind, arg = parse_selection(selection, nq, c1 - 1)
     probs = logits.softmax(-1)[..., :-1].cpu()
     best, label = probs.max(-1)
+    full = logits.argmax(-1).cpu().numpy()
     boxes = box_cxcywh_to_xyxy(cache.pred_boxes.detach().float().cpu())
     sizes = cache.meta.get("image_sizes")
     rows: list[list[tuple[int, int, float]]] = []
@@ -145,8 +147,8 @@ def select_detections(cache: ForwardCache, selection: DetectionSelection) -> Det
             picks = [(int(q), int(lab[q])) for q in order[:arg]]
         elif kind == "score":
             picks = [(int(q), int(lab[q])) for q in order if s[q] >= arg]
-        elif kind == "class":
-            picks = [(int(q), arg) for q in order if lab[q] == arg]
+        elif kind == "class":  # the query's prediction (no-object included) is the class
+            picks = [(int(q), arg) for q in order if full[i, q] == arg]
         else:
             picks = list(arg)
         rows.append([(q, cl, float(probs[i, q, cl])) for q, cl in picks])

@@ -112,6 +112,8 @@ class Manifest(_Part):
     profile_names: dict[str, list[str]] = Field(default_factory=dict, description="'module/layer' -> "
                                                                                   "names of the profile")
     heatmaps: HeatmapsInfo | None = None
+    detections: dict[str, Any] | None = Field(None, description="detection targets: detections explained "
+                                              "(per class), images without one, faithfulness means")
     history: list[dict[str, Any]] = Field(default_factory=list, description="earlier runs into this "
                                           "folder, oldest first: status, run, counts, timings")
 

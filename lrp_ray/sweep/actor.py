@@ -194,32 +194,61 @@ class LrpWorker:
 
     def _run_item(self, weights_box: list, item: dict, image_names: list[str], images_box: list,
                   cache_box: list | None) -> dict:
-        from .writer import result_to_table
-
         self._ensure_engine(weights_box)
         t0 = time.perf_counter()
         self._t = dict.fromkeys(("decode", "forward", "import", "relevance", "table"), 0.0)
         cache, meta, source = self._get_cache(item["batch_key"], images_box, cache_box)
         t_cache = time.perf_counter() - t0
-        features = list(item["features"])
-        queries = item["queries"] if item["module"] == "decoder" else None
-        t1 = time.perf_counter()
-        res = self.engine.relevance(cache, item["module"], item["layer"], features, queries)
-        t2 = time.perf_counter()
-        self._t["relevance"] = t2 - t1
-        table = result_to_table(res, image_names, meta["image_sizes"], cfg=self.cfg)
-        self._t["table"] = time.perf_counter() - t2
+        compute = {"features": self._feature_tables, "detections": self._detection_tables}[item["kind"]]
+        tables, extra = compute(item, cache, meta, image_names, images_box)
         # the engine may have built derived data (per-token maps) for this cache: account for it now
         footprint = cache_footprint(cache)
         enforce_cache_budget(self.caches, self.cache_budget, self.stats)
         self.stats["items"] += 1
         for k, v in self._t.items():
             self.stats[f"{k}_seconds"] += v
-        return {"uid": item["uid"], "table": table, "source": source,
-                "cache_nbytes": int(cache.nbytes), "footprint": footprint,
-                "profile_names": list(res.profile_names), "timings": dict(self._t),
+        return {"uid": item["uid"], "tables": tables, "source": source,
+                "cache_nbytes": int(cache.nbytes), "footprint": footprint, **extra, "timings": dict(self._t),
                 "seconds": time.perf_counter() - t0, "cache_seconds": t_cache, "pid": self.pid,
                 "peak_rss": _rss_peak_bytes(), "peak_device": self._device_peak()}
+
+    def _feature_tables(self, item: dict, cache: Any, meta: dict, image_names: list[str],
+                        images_box: list) -> tuple[dict, dict]:
+        """Rows of a feature item: ``relevance`` (one per image x target)."""
+        from .writer import result_to_table
+
+        queries = item["queries"] if item["module"] == "decoder" else None
+        t1 = time.perf_counter()
+        res = self.engine.relevance(cache, item["module"], item["layer"], list(item["features"]), queries)
+        t2 = time.perf_counter()
+        self._t["relevance"] = t2 - t1
+        table = result_to_table(res, image_names, meta["image_sizes"], cfg=self.cfg)
+        self._t["table"] = time.perf_counter() - t2
+        return {"relevance": table}, {"profile_names": list(res.profile_names)}
+
+    def _detection_tables(self, item: dict, cache: Any, meta: dict, image_names: list[str],
+                          images_box: list) -> tuple[dict, dict]:
+        """Rows of a detection item: its batch's detections, concepts, concept maps (and faithfulness)."""
+        from lrp_ray.lrp.concepts import explain_batch
+        from lrp_ray.results.detections import detection_tables, faithfulness_table, tables_to_frames
+
+        t1 = time.perf_counter()
+        names = item.get("class_names")
+        batch = explain_batch(self.engine, cache, item["selection"], item["layers"],
+                              int(item["top_concepts"]))
+        t2 = time.perf_counter()
+        tables = detection_tables(batch, image_names, meta["image_sizes"], cfg=self.cfg, class_names=names)
+        if "faithfulness" in item["datasets"]:
+            from lrp_ray.faithfulness import detection_faithfulness
+
+            frame = tables_to_frames([{"detections": tables["detections"]}])["detections"]
+            images = ray.get(images_box[0], timeout=600)
+            by_name = dict(zip(image_names, images, strict=True))
+            scores = detection_faithfulness(self.engine, self.cfg, by_name, frame)
+            tables["faithfulness"] = faithfulness_table(scores, names)
+        self._t["relevance"] = t2 - t1
+        self._t["table"] = time.perf_counter() - t2
+        return tables, {"detections": int(tables["detections"].num_rows)}
 
     def _empty_device_cache(self) -> None:
         if self.device.startswith("cuda"):

@@ -17,9 +17,18 @@ __all__ = ["main", "build_parser"]
 EPILOG = """\
 Flags override the keys of --spec; keys left out of both take the defaults shown.
 With no request at all (no --spec, --config, --weights, --images, --layers, --features): the bundled
-demo model and sample images, features 0-3 of every encoder and decoder layer, into ./lrp_out.
+demo model and sample images, features 0-3 of every encoder and decoder layer, and every detected car
+(its concepts at every layer, their conditional maps, faithfulness), into ./lrp_out.
+
+Detection targets (--target detections|both): relevance starts at each selected detection's class logit
+and goes down to the input tokens once; at every requested layer each channel's relevance is a concept
+(concepts/), and each detection's --top-concepts channels get a heatmap conditioned on them
+(concept_maps/); detections/ lists the explained detections (box, score, map), concepts_by_class.csv
+ranks the features each class uses, faithfulness/ (--faithfulness) holds deletion curves and the
+pointing game.
 
 Results (OUT): relevance/ (Parquet, partitioned by module and layer; pandas.read_parquet(OUT/"relevance")),
+detection targets' detections/, concepts/, concept_maps/, faithfulness/ and concepts_by_class.csv,
 summary.csv, errors.csv (images that could not be used, with the reason), manifest.json.
 Re-running the same request into the same OUT resumes it, with any "running" settings (actors, device,
 cache budget, ...: they never change a number); a different request into a non-empty OUT is refused
@@ -93,6 +102,12 @@ def build_parser(prog: str = "lrp-ray") -> argparse.ArgumentParser:
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help=_help("precision"))
     g.add_argument("--batch-size", type=int, metavar="N", help=_help("batch_size"))
     g.add_argument("--feature-chunk", type=_int_or_auto, metavar="K|auto", help=_help("feature_chunk"))
+    d = p.add_argument_group("detection targets (concept relevance of detections)")
+    d.add_argument("--target", choices=["features", "detections", "both"], help=_help("target"))
+    d.add_argument("--detections", metavar="SEL", help=_help("detections"))
+    d.add_argument("--top-concepts", type=int, metavar="K", help=_help("top_concepts"))
+    d.add_argument("--class-names", metavar="FILE", help=_help("class_names"))
+    d.add_argument("--faithfulness", action="store_true", default=None, help=_help("faithfulness"))
     r = p.add_argument_group("running")
     r.add_argument("--out", metavar="DIR", help=_help("out"))
     r.add_argument("--actors", type=_int_or_auto, metavar="N|auto", help=_help("actors"))
@@ -119,6 +134,9 @@ DEMO_FEATURES = "0-3"
 """Features swept on the bundled demo when nothing else is asked: every layer, a few features, so the
 first run (and its --heatmaps) finishes in about a minute on 2 CPU cores."""
 _REQUEST_KEYS = ("config", "weights", "images", "layers", "features")
+DEMO_DETECTIONS = "class=car"
+"""Detections explained on the bundled demo when nothing else is asked: every car the model finds."""
+_DETECTION_KEYS = ("target", "detections", "top_concepts", "class_names", "faithfulness")
 
 
 def parse_request(argv: Sequence[str] | None = None, prog: str = "lrp-ray") -> tuple[SweepSpec, Any]:
@@ -127,6 +145,8 @@ def parse_request(argv: Sequence[str] | None = None, prog: str = "lrp-ray") -> t
     flags = {k: v for k, v in vars(args).items() if k not in _NOT_SPEC}
     if not args.spec and all(flags.get(k) is None for k in _REQUEST_KEYS):
         flags["features"] = DEMO_FEATURES  # the bundled demo: a quick first run
+        if all(flags.get(k) is None for k in _DETECTION_KEYS):  # ... that also explains the demo's cars
+            flags.update(target="both", detections=DEMO_DETECTIONS, faithfulness=True)
     return merge_flags(data, flags), args
 
 

@@ -226,6 +226,10 @@ def _execute(prep: Prepared, log_fn: Callable[[str], None], progress: bool | Non
         except Exception as exc:  # a part that cannot be read (changed behind the sweep's back)
             status, exit_code = "incomplete", EXIT_INCOMPLETE
             log_fn(f"summary failed: {one_line(exc, 300)}; run the same command again to recompute")
+    det_summary = None
+    if prep.result.detections is not None and status not in ("interrupted", "output_error"):
+        det_summary, status, exit_code, output_error = _detection_summary(prep, status, exit_code,
+                                                                          output_error, log_fn)
     t_sum = time.perf_counter() - t_sum
     heatmaps = _render_heatmaps(prep, log_fn) if run.heatmaps and status == "complete" else None
     if heatmaps and heatmaps.get("error"):  # a requested step that failed: not complete
@@ -233,6 +237,7 @@ def _execute(prep: Prepared, log_fn: Callable[[str], None], progress: bool | Non
     if exit_code == EXIT_OK and prep.errors:
         exit_code = EXIT_IMAGES_FAILED
     failed_items = dict(loop.failed) if loop else {}
+    lost = {e.name for e in prep.errors} & {i.name for i in prep.images}  # changed during the run
     stats = dict(loop.stats) if loop else {}
     fstats = dict(fleet.stats) if fleet else {}
     profile_names = dict(loop.profile_names) if loop else {}
@@ -243,8 +248,9 @@ def _execute(prep: Prepared, log_fn: Callable[[str], None], progress: bool | Non
         "run": {"ray": desc, "nodes": nodes, "actors": len(fleet.actors) if fleet else 0, "device": device,
                 "actors_info": actors_info},
         "counts": {
-            "images_found": len(prep.images) + len(prep.errors), "images_ok": len(prep.images),
-            "images_failed": len(prep.errors), "batches": len(prep.plan.batches),
+            "images_found": len(prep.images) + len(prep.errors) - len(lost),
+            "images_ok": len(prep.images) - len(lost), "images_failed": len(prep.errors),
+            "batches": len(prep.plan.batches),
             "items_total": len(prep.plan.items), "items_skipped_resume": len(prep.plan.items) - len(todo),
             "items_run": len(loop.done) if loop else 0, "items_failed": len(failed_items),
             "items_missing": len(missing),
@@ -263,6 +269,7 @@ def _execute(prep: Prepared, log_fn: Callable[[str], None], progress: bool | Non
                         "actors": loop.actor_peaks if loop else {}},
         "profile_names": profile_names,
         "heatmaps": heatmaps,
+        "detections": det_summary,
     })
     try:
         sink.write_manifest(manifest)
@@ -274,6 +281,24 @@ def _execute(prep: Prepared, log_fn: Callable[[str], None], progress: bool | Non
             log_fn(f"sweep stopped: {exc}")
     _final_table(log_fn, prep, manifest, summary)
     return SweepResult(out, exit_code, manifest, prep.errors, failed_items)
+
+
+def _detection_summary(prep: Prepared, status: str, exit_code: int, output_error: Any,
+                       log_fn: Callable[[str], None]) -> tuple[dict | None, str, int, Any]:
+    """``concepts_by_class.csv`` and the manifest's ``detections`` counts (on failure: why, and the
+    run's new status)."""
+    from .summary import write_detection_summary
+
+    try:
+        info = write_detection_summary(prep.out, int(prep.result.detections["top_concepts"]))
+    except OSError as exc:
+        err = OutputError(exc, f"{prep.out / 'concepts_by_class.csv'}")
+        log_fn(f"sweep stopped: {err}")
+        return None, "output_error", EXIT_OUTPUT, output_error or err
+    except Exception as exc:
+        log_fn(f"detection summary failed: {one_line(exc, 300)}; run the same command again to recompute")
+        return None, "incomplete", EXIT_INCOMPLETE, output_error
+    return info, status, exit_code, output_error
 
 
 def _timings(prep: Prepared, ray_start: float, sweep: float, summary: float, loop: Any, sink: ResultSink,
@@ -325,6 +350,16 @@ def _final_table(log_fn: Callable[[str], None], prep: Prepared, manifest: dict, 
                 rel, act = g["input_relevance_mean"].mean(), g["activation_mean"].mean()
                 lines.append(f"{m:8} {int(layer):>5} {len(g):>8} {int(g['n_rows'].sum()):>10} "
                              f"{rel:>11.4g} {act:>11.4g}")
+    det = manifest.get("detections")
+    if det:
+        classes = ", ".join(f"{k} {v}" for k, v in (det.get("per_class") or {}).items())
+        lines.append(f"detections explained: {det['detections']}{f' ({classes})' if classes else ''}; "
+                     f"{det['images_without_detections']} image(s) without one; per-class concept ranking "
+                     f"in {prep.out / 'concepts_by_class.csv'}")
+        if "pointing_game" in det:
+            lines.append(f"faithfulness: pointing game {det['pointing_game']:.0%}, deletion AUC "
+                         f"{det['auc_relevance_mean']:.3f} by relevance vs {det['auc_random_mean']:.3f} "
+                         "random")
     failed = f" (see {prep.out / 'errors.csv'})" if c["images_failed"] else ""
     lines.append(f"status {manifest['status']}: {c['images_ok']} images ok, "
                  f"{c['images_failed']} failed{failed}")

@@ -13,7 +13,7 @@ from typing import Any
 from lrp_ray.queries import top_k
 
 __all__ = ["BadRequest", "parse_index_list", "resolve_indices", "parse_queries", "check_queries",
-           "format_indices", "top_k", "targets_per_feature", "MAX_INDEX"]
+           "format_indices", "top_k", "targets_per_feature", "MAX_INDEX", "parse_detection_pairs"]
 
 
 class BadRequest(ValueError):
@@ -139,3 +139,20 @@ def targets_per_feature(queries: Any, num_queries: int) -> int:
         return num_queries
     k = top_k(queries)
     return k if k is not None else len(queries)
+
+
+_PAIR = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def parse_detection_pairs(text: str) -> list[tuple[int, int]]:
+    """``'3:1,7:1'`` -> ``[(3, 1), (7, 1)]`` (query:class_id pairs; ranges are checked with the model)."""
+    pairs = []
+    for part in text.split(","):
+        m = _PAIR.match(part)
+        if not m:
+            raise ValueError(f"detections: expected 'query:class_id' pairs like '3:1,7:1', got {text!r}")
+        q, c = int(m.group(1)), int(m.group(2))
+        if q >= MAX_INDEX or c >= MAX_INDEX:
+            raise ValueError(f"detections: index too large in {text!r}")
+        pairs.append((q, c))
+    return pairs

@@ -8,13 +8,16 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from . import interrupts
 from .errors import SweepFailed, one_line
 from .fleet import Fleet, Outcome
+from .images import ImageError
 from .placement import Assignment, Closed, Placement
 from .plan import WorkItem
 from .preparation import Prepared
-from .sink import ResultSink
+from .sink import ResultSink, without_images
 
 __all__ = ["SweepLoop"]
 
@@ -39,9 +42,12 @@ class SweepLoop:
         self.system_attempts: Counter[str] = Counter()
         self.images: dict[int, Any] = {}
         self.digests = {i.name: i.sha1 for i in prep.images}
+        self.infos = {i.name: i for i in prep.images}
+        self.lost: dict[int, set[str]] = {}
+        """Per batch: images that changed or vanished since they were checked (their rows are dropped)."""
         self.exports: dict[int, tuple[int, Any]] = {}
         self.stats = Counter({k: 0 for k in ("forward_passes", "cache_hits", "cache_transfers", "exports",
-                                             "item_retries", "maps")})
+                                             "item_retries", "maps", "detections")})
         self.seconds = dict.fromkeys(SECONDS, 0.0)
         self.profile_names: dict[str, list[str]] = {}
         self.actor_peaks: dict[str, dict] = {}
@@ -89,34 +95,39 @@ class SweepLoop:
                 self.stats["exports"] += 1
             cache_box = [self.exports[b.index][1]]
         it = a.item
-        item = {"uid": it.uid, "batch_key": b.key, "module": it.module, "layer": it.layer,
+        item = {"uid": it.uid, "kind": it.kind, "batch_key": b.key, "module": it.module, "layer": it.layer,
                 "features": list(it.features), "queries": self.prep.result.queries,
-                "targets_per_feature": it.targets_per_feature}
+                "targets_per_feature": it.targets_per_feature, "datasets": list(it.datasets)}
+        if it.kind == "detections":
+            item.update(self.prep.result.detections or {}, layers=self.prep.result.layers)
         self.fleet.submit(idx, it.uid, item, list(b.images), [self.images[b.index]], cache_box)
 
     def _open(self, a: Assignment) -> bool:
-        """Ship the batch's images (read on the driver) into the object store; fail the batch if it can't."""
+        """Ship the batch's images (read on the driver) into the object store.
+
+        An image that changed or vanished since it was checked cannot be explained as asked (its digest is
+        part of the request): it is recorded in errors.csv with the reason, and a blank stand-in of its
+        checked size takes its place, so its batch mates are computed on the same padded batch as planned
+        (their rows are bitwise those of the plan; an image's rows never depend on another image's
+        content) and the stand-in's rows are dropped."""
         from lrp_ray.models import read_image
         from lrp_ray.results import image_path
 
         t0 = time.perf_counter()
-        images, unreadable = [], []
+        images, lost = [], {}
         for name in a.batch.images:
             try:
                 images.append(self._read_checked(name, read_image, image_path))
             except Exception as exc:  # changed or vanished since it was validated
-                unreadable.append(f"{name} ({getattr(exc, 'reason', None) or one_line(exc, 200)})")
-        if unreadable:
-            # the batch's composition is part of the request (DETR pads a batch to its largest image), so
-            # its items fail, naming the image; validation on the next run reports it in errors.csv
-            reason = f"image changed or vanished since it was checked: {'; '.join(unreadable)}"
-            # (the next run checks the images again: the request has then changed, and says so)
-            first = self.placement.failed(a.item)
-            items, closed = self.placement.fail_batch(a.batch.index)
-            for it in [a.item, *items]:
-                self._fail(it, reason)
-            self._closed(closed or first)
-            return False
+                info = self.infos[name]
+                images.append(np.zeros((info.height, info.width, 3), np.uint8))
+                lost[name] = ("changed or vanished since it was checked: "
+                              f"{getattr(exc, 'reason', None) or one_line(exc, 200)}")
+        if lost:
+            self.lost[a.batch.index] = set(lost)
+            for name, reason in lost.items():
+                self.log(f"image {name}: {reason}; its batch mates are computed without it")
+            self.sink.add_errors([ImageError(n, r) for n, r in lost.items()])
         self.seconds["read_images"] += time.perf_counter() - t0
         self.images[a.batch.index] = self.fleet.ray.put(images)
         return True
@@ -155,7 +166,10 @@ class SweepLoop:
             self.placement.retry(it)
 
     def _on_rows(self, actor: int, it: WorkItem, payload: dict) -> None:
-        if it.uid in self.done or it.uid in self.failed or not self.sink.commit(it, payload["table"]):
+        tables = payload["tables"]
+        if it.batch in self.lost:
+            tables = without_images(tables, self.lost[it.batch])
+        if it.uid in self.done or it.uid in self.failed or not self.sink.commit(it, tables):
             return
         for k, v in (payload.get("timings") or {}).items():
             if k in self.seconds:
@@ -166,7 +180,9 @@ class SweepLoop:
         self.stats["cache_hits"] += int(src == "local")
         self.stats["cache_transfers"] += int(src == "import")
         self.stats["maps"] += it.n_maps
-        self.profile_names.setdefault(f"{it.module}/{it.layer}", payload["profile_names"])
+        if payload.get("profile_names"):
+            self.profile_names.setdefault(f"{it.module}/{it.layer}", payload["profile_names"])
+        self.stats["detections"] += int(payload.get("detections", 0))
         self.actor_peaks[str(actor)] = {k: payload[k] for k in ("peak_rss", "peak_device")}
         self.log(f"{it.label(self.n_batches)} {payload['seconds']:.2f}s [{src}, actor {actor}]")
         if self.bar is not None:

@@ -137,16 +137,6 @@ class Placement:
             return None
         return self._close_if_done(self._slots[item.batch])
 
-    def fail_batch(self, batch: int) -> tuple[list[WorkItem], Closed | None]:
-        """Every pending item of ``batch`` fails (its images cannot be read); returns them."""
-        s = self._slots[batch]
-        items = list(s.pending)
-        s.pending.clear()
-        closed = None
-        for it in items:
-            closed = self.failed(it) or closed
-        return items, closed
-
     def retry(self, item: WorkItem) -> None:
         """Another attempt of ``item`` (first in its batch's queue)."""
         if item.uid not in self._settled:

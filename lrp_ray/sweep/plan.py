@@ -1,7 +1,10 @@
-"""The sweep plan: image batches and work items keyed by (image batch, module, layer, feature chunk).
+"""The sweep plan: image batches and work items.
 
-A work item is idempotent: computing it twice gives the same rows, written to the same part file
-``relevance/module=<m>/layer=<l>/part-<key>-<request digest>.parquet``. The key holds no image name.
+Two kinds of work item (:data:`KINDS`): ``features`` — (image batch, module, layer, feature chunk), rows
+in ``relevance/module=<m>/layer=<l>/part-<key>-<request digest>.parquet`` — and ``detections`` — one per
+image batch: its detections propagated once, with concepts at every requested layer and their conditional
+maps, rows in ``<dataset>/part-<key>-<digest>.parquet`` of each detection dataset. A work item is
+idempotent: computing it twice gives the same rows in the same files. Keys hold no image name.
 """
 
 from __future__ import annotations
@@ -10,7 +13,10 @@ from dataclasses import dataclass, field
 
 from .spec import DEFAULT_ITEM_FEATURES, format_indices
 
-__all__ = ["Batch", "WorkItem", "Plan", "make_plan"]
+__all__ = ["Batch", "WorkItem", "Plan", "make_plan", "KINDS", "FEATURE_DATASET"]
+
+FEATURE_DATASET = "relevance"
+KINDS = ("features", "detections")
 
 
 @dataclass(frozen=True)
@@ -34,30 +40,49 @@ class WorkItem:
     targets_per_feature: int
     tag: str = ""
     """The request's digest: part files carry it, so parts of another request are never counted."""
+    kind: str = "features"
+    datasets: tuple[str, ...] = (FEATURE_DATASET,)
+    """Datasets the item writes a part to, in commit order (the last one proves the item complete)."""
 
     @property
     def key(self) -> str:
-        return f"b{self.batch:05d}-c{self.chunk:04d}"
+        return f"b{self.batch:05d}-c{self.chunk:04d}" if self.kind == "features" else f"b{self.batch:05d}"
 
     @property
     def uid(self) -> str:
         """Unique across the sweep (module and layer are the part file's folders)."""
-        return f"{self.module}-l{self.layer}-{self.key}"
+        if self.kind == "features":
+            return f"{self.module}-l{self.layer}-{self.key}"
+        return f"{self.kind}-{self.key}"
 
     @property
     def n_maps(self) -> int:
+        """Rows (relevance maps) a feature item writes; 0 for a detection item (its row count depends on
+        what the model detects, and its last part records it)."""
+        if self.kind != "features":
+            return 0
         return self.n_images * len(self.features) * self.targets_per_feature
 
     @property
-    def part_relpath(self) -> str:
+    def parts(self) -> dict[str, str]:
+        """Dataset -> part path inside it, in commit order."""
         tag = f"-{self.tag}" if self.tag else ""
-        return f"module={self.module}/layer={self.layer}/part-{self.key}{tag}.parquet"
+        if self.kind == "features":
+            return {FEATURE_DATASET: f"module={self.module}/layer={self.layer}/part-{self.key}{tag}.parquet"}
+        return {name: f"part-{self.key}{tag}.parquet" for name in self.datasets}
+
+    @property
+    def part_relpath(self) -> str:
+        """The item's identity on disk: its last part, relative to OUT."""
+        name, rel = list(self.parts.items())[-1]
+        return rel if self.kind == "features" else f"{name}/{rel}"
 
     def label(self, n_batches: int) -> str:
         """The seed's log style: ``encoder layer 5, features 0-63, batch 3/33 (4 images)``."""
         s = "s" if self.n_images != 1 else ""
-        return (f"{self.module} layer {self.layer}, features {format_indices(self.features)}, "
-                f"batch {self.batch + 1}/{n_batches} ({self.n_images} image{s})")
+        what = (f"{self.module} layer {self.layer}, features {format_indices(self.features)}"
+                if self.kind == "features" else "detections")
+        return f"{what}, batch {self.batch + 1}/{n_batches} ({self.n_images} image{s})"
 
 
 @dataclass
@@ -80,8 +105,10 @@ class Plan:
 
 
 def make_plan(images: list[str], batch_size: int, layers: dict[str, list[int]], features: list[int],
-              feature_chunk: int | str, targets_per_feature: dict[str, int], tag: str = "") -> Plan:
-    """Batches of ``batch_size`` images in name order; per batch, every (module, layer, feature chunk).
+              feature_chunk: int | str, targets_per_feature: dict[str, int], tag: str = "",
+              detection_datasets: tuple[str, ...] = ()) -> Plan:
+    """Batches of ``batch_size`` images in name order; per batch, every (module, layer, feature chunk),
+    then (with ``detection_datasets``) one detections item.
 
     ``targets_per_feature``: rows per image and feature (1 for the encoder; selected queries for the decoder).
     """
@@ -96,4 +123,7 @@ def make_plan(images: list[str], batch_size: int, layers: dict[str, list[int]], 
                 for ci, feats in enumerate(chunks):
                     items.append(WorkItem(b.index, module, layer, ci, feats, len(b.images),
                                           targets_per_feature[module], tag))
+        if detection_datasets:
+            items.append(WorkItem(b.index, "", -1, 0, (), len(b.images), 0, tag, kind="detections",
+                                  datasets=tuple(detection_datasets)))
     return Plan(batches, items, layers, features, size)

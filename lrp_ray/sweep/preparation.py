@@ -199,8 +199,12 @@ def prepare(spec: SweepSpec, log_fn: Callable[[str], None] = print) -> Prepared:
             "decoder": len(parts.transformer.decoder.layers),
             "hidden_dim": int(parts.hidden_dim), "num_queries": int(parts.num_queries)}
     layers = {m: resolve_indices(spec.layers, dims[m], f"{m} layers") for m in spec.modules}
-    features = resolve_indices(spec.features, dims["hidden_dim"], "features")
-    queries = check_queries(spec.queries, dims["num_queries"]) if "decoder" in spec.modules else None
+    if spec.feature_targets:
+        features = resolve_indices(spec.features, dims["hidden_dim"], "features")
+        queries = check_queries(spec.queries, dims["num_queries"]) if "decoder" in spec.modules else None
+    else:
+        features, queries = [], None
+    detections = _detection_request(spec, parts) if spec.detection_targets else None
     state = {k: v.detach().cpu().contiguous().numpy() for k, v in model.state_dict().items()}
     cfg = model.cfg
     numerics = _numerics(model, spec)
@@ -218,12 +222,13 @@ def prepare(spec: SweepSpec, log_fn: Callable[[str], None] = print) -> Prepared:
         schema_version=_schema_version(), model=cfg.model_dump(mode="json"),
         weights_sha256=_weights_digest(state), numerics=numerics,
         images=[(i.name, i.sha1) for i in ok], batch_size=spec.batch_size, layers=layers,
-        features=format_indices(features), queries=queries, item_features=spec.item_features,
-        rules=spec.rules, epsilon=spec.epsilon, precision=spec.precision)
+        features=format_indices(features) if spec.feature_targets else "none", queries=queries,
+        item_features=spec.item_features, rules=spec.rules, epsilon=spec.epsilon, precision=spec.precision,
+        detections=detections)
     digest = result.digest()
     t3 = time.perf_counter()
     plan = make_plan([i.name for i in ok], spec.batch_size, layers, features, spec.item_features, per_feature,
-                     tag=digest)
+                     tag=digest, detection_datasets=_detection_datasets(detections))
     timings["plan"] = time.perf_counter() - t3
 
     lock = OutputLock(out).acquire()  # from here on this process owns OUT, until execute() ends
@@ -238,6 +243,57 @@ def prepare(spec: SweepSpec, log_fn: Callable[[str], None] = print) -> Prepared:
                     image_root=image_set.root, images=ok, errors=bad, duplicates=duplicate_groups(ok),
                     model_cfg=cfg, state=state, dims=dims, plan=plan, resumed=resumed,
                     old_manifest=manifest, timings=timings, lock=lock)
+
+
+def _class_names(spec: SweepSpec) -> list[str] | None:
+    """The request's class names: a list, a text file (one name per line), or the demo's for the demo."""
+    names = spec.class_names
+    if names is None:
+        if spec.config is None and spec.weights is None:
+            from lrp_ray.demo import CLASS_NAMES
+
+            return list(CLASS_NAMES)
+        return None
+    if isinstance(names, list):
+        return [str(n) for n in names]
+    path = Path(names).expanduser()
+    if not path.is_file():
+        raise BadRequest(f"class_names {names}: {'is a folder' if path.is_dir() else 'file not found'}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"class_names {names}: cannot read it ({one_line(exc, 200)})") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return [line.strip() for line in lines]
+
+
+def _detection_request(spec: SweepSpec, parts: Any) -> dict[str, Any]:
+    """The detection targets as part of the result spec: the checked selection (class names resolved to
+    ids), top_concepts, class names and whether faithfulness is computed."""
+    from lrp_ray.lrp.detections import parse_selection, resolve_class_name
+
+    names = _class_names(spec)
+    n_classes = int(parts.class_embed.weight.shape[0]) - 1
+    if names is not None and len(names) < n_classes:
+        raise BadRequest(f"class_names: {len(names)} names for a model with {n_classes} classes")
+    try:
+        selection = resolve_class_name(spec.detections, names)
+        parse_selection(selection, int(parts.num_queries), n_classes)
+    except ValueError as exc:
+        raise BadRequest(one_line(exc, 600)) from None
+    if not isinstance(selection, str):
+        selection = [list(p) for p in selection]
+    return {"selection": selection, "top_concepts": int(spec.top_concepts), "class_names": names,
+            "faithfulness": bool(spec.faithfulness)}
+
+
+def _detection_datasets(detections: dict[str, Any] | None) -> tuple[str, ...]:
+    """Datasets a detection item writes, in commit order (``detections`` last)."""
+    if detections is None:
+        return ()
+    extra = ("faithfulness",) if detections["faithfulness"] else ()
+    return ("concepts", "concept_maps", *extra, "detections")
 
 
 def _resumable(out: Path, run: RunSpec, manifest: Any, result: ResultSpec, digest: str) -> bool:

@@ -8,15 +8,26 @@ run went.
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from lrp_ray.results.detections import NO_DETECTIONS_KEY
+
 from .errors import OutputError
 from .plan import WorkItem
-from .writer import OWNED_NAMES, clean_temp_files, clear_outputs, write_part
+from .writer import (
+    OWNED_NAMES,
+    ROWS_KEY,
+    clean_temp_files,
+    clear_outputs,
+    dataset_names,
+    schema_of,
+    write_part,
+)
 
 __all__ = ["ResultSink", "read_manifest", "versions", "OWNED_NAMES"]
 
@@ -26,6 +37,28 @@ def read_manifest(out: Path) -> Any:
     from lrp_ray.results import read_manifest as read
 
     return read(out)
+
+
+LOST_KEY = b"lrp_ray.images_lost"
+"""Part metadata: images of the batch that changed or vanished during the run (their rows are absent)."""
+
+
+def without_images(tables: dict[str, Any], names: set[str]) -> dict[str, Any]:
+    """``tables`` without the rows of images ``names``, each table's metadata naming them."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    lost = json.dumps(sorted(names)).encode()
+    out = {}
+    for key, t in tables.items():
+        keep = pc.invert(pc.is_in(t.column("image"), value_set=pa.array(sorted(names), pa.string())))
+        meta = dict(t.schema.metadata or {})
+        if NO_DETECTIONS_KEY in meta:
+            meta[NO_DETECTIONS_KEY] = json.dumps([n for n in json.loads(meta[NO_DETECTIONS_KEY])
+                                                  if n not in names]).encode()
+        meta[LOST_KEY] = lost
+        out[key] = t.filter(keep).replace_schema_metadata(meta)
+    return out
 
 
 def versions() -> dict[str, str]:
@@ -44,7 +77,8 @@ def versions() -> dict[str, str]:
 
 
 class ResultSink:
-    """Parts of ``OUT/relevance`` (hive-partitioned by module and layer), errors.csv and manifest.json."""
+    """Parts of ``OUT/relevance`` (hive-partitioned by module and layer) and of the detection datasets,
+    errors.csv and manifest.json."""
 
     def __init__(self, out: Path) -> None:
         self.out = out
@@ -53,50 +87,94 @@ class ResultSink:
         self.rows = 0
         self.duplicates = 0
         self.seconds = 0.0
+        self.errors: list = []
 
     def open(self, overwrite: bool, errors: list, redo: Iterable[WorkItem] = ()) -> None:
         """Make OUT ready: clear it (``overwrite``), drop temp files left behind and the parts of ``redo``
         (short or unreadable ones, about to be computed again), write errors.csv."""
         from .summary import write_errors
 
+        self.errors = errors
         try:
             if overwrite:
                 clear_outputs(self.out)
             for it in redo:
-                (self.dataset / it.part_relpath).unlink(missing_ok=True)
+                for name, rel in it.parts.items():
+                    (self.out / name / rel).unlink(missing_ok=True)
             self.dataset.mkdir(parents=True, exist_ok=True)
-            clean_temp_files(self.dataset)
+            for name in dataset_names(self.out):
+                clean_temp_files(self.out / name)
             write_errors(self.out, errors)
         except OSError as exc:
             raise OutputError(exc, f"to {self.out}") from exc
 
-    def commit(self, item: WorkItem, table: Any) -> bool:
-        """Write ``item``'s rows once; False (and nothing written) for a repeated result."""
+    def commit(self, item: WorkItem, tables: dict[str, Any]) -> bool:
+        """Write ``item``'s rows once (one table per dataset of the item, in the item's order: its last
+        part, written last, records the row counts of the others); False (and nothing written) for a
+        repeated result."""
         if item.part_relpath in self.committed:
             self.duplicates += 1
             return False
         t0 = time.perf_counter()
-        try:
-            write_part(self.dataset, item.part_relpath, table)
-        except OSError as exc:  # disk full, read-only, a file where a folder must go: stop cleanly
-            raise OutputError(exc, f"{self.dataset / item.part_relpath}") from exc
+        parts = item.parts
+        if set(tables) != set(parts):
+            raise ValueError(f"{item.uid}: tables for {sorted(tables)}, expected {sorted(parts)}")
+        counts = {name: int(tables[name].num_rows) for name in parts}
+        last = list(parts)[-1]
+        for name, rel in parts.items():
+            table = tables[name]
+            if name == last and len(parts) > 1:
+                meta = dict(table.schema.metadata or {})
+                meta[ROWS_KEY] = json.dumps(counts).encode()
+                table = table.replace_schema_metadata(meta)
+            try:
+                write_part(self.out / name, rel, table, schema_of(name))
+            except OSError as exc:  # disk full, read-only, a file where a folder must go: stop cleanly
+                raise OutputError(exc, f"{self.out / name / rel}") from exc
         self.seconds += time.perf_counter() - t0
         self.committed.add(item.part_relpath)
-        self.rows += table.num_rows
+        self.rows += sum(counts.values())
         return True
 
     def missing(self, items: list[WorkItem]) -> list[str]:
-        """Planned parts that are not on disk with their rows (what 'complete' is checked against)."""
-        import pyarrow.parquet as pq
-
+        """Planned items whose parts are not all on disk with their rows (what 'complete' is checked
+        against): a feature part must hold its maps; a detection item's last part records the row
+        counts of its others."""
         bad = []
         for it in items:
-            try:
-                if pq.read_metadata(self.dataset / it.part_relpath).num_rows != it.n_maps:
-                    bad.append(it.part_relpath)
-            except (OSError, ValueError):
+            if not self._on_disk(it):
                 bad.append(it.part_relpath)
         return bad
+
+    def _on_disk(self, it: WorkItem) -> bool:
+        import pyarrow.parquet as pq
+
+        parts = it.parts
+        try:
+            if len(parts) == 1:
+                name, rel = next(iter(parts.items()))
+                meta = pq.read_metadata(self.out / name / rel)
+                lost = json.loads((meta.metadata or {}).get(LOST_KEY, b"[]"))
+                return meta.num_rows == it.n_maps // it.n_images * (it.n_images - len(lost))
+            last = list(parts)[-1]
+            meta = pq.read_metadata(self.out / last / parts[last])
+            counts = json.loads((meta.metadata or {}).get(ROWS_KEY, b"{}"))
+            if set(counts) != set(parts) or counts[last] != meta.num_rows:
+                return False
+            return all(pq.read_metadata(self.out / n / r).num_rows == counts[n]
+                       for n, r in parts.items() if n != last)
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
+    def add_errors(self, errors: list) -> None:
+        """Images that failed during the run: added to the run's errors and to errors.csv at once."""
+        from .summary import write_errors
+
+        self.errors.extend(errors)
+        try:
+            write_errors(self.out, self.errors)
+        except OSError as exc:
+            raise OutputError(exc, f"{self.out / 'errors.csv'}") from exc
 
     def write_manifest(self, data: dict) -> Any:
         """Validate ``data`` as a :class:`lrp_ray.results.Manifest` and write it atomically."""

@@ -25,6 +25,7 @@ from .indices import (
     BadRequest,
     check_queries,
     format_indices,
+    parse_detection_pairs,
     parse_index_list,
     parse_queries,
     resolve_indices,
@@ -77,6 +78,20 @@ class ResultRequest(BaseModel):
                                                  "result)")
     feature_chunk: int | Literal["auto"] = Field(
         "auto", description=f"features per work item; 'auto': {DEFAULT_ITEM_FEATURES} per item")
+    # --- detection targets (concept relevance of detections)
+    target: Literal["features", "detections", "both"] = Field(
+        "features", description="what relevance starts from: the swept features of each layer, the "
+                                "detections' class logits (concepts at each layer + conditional maps), "
+                                "or both")
+    detections: str | list[tuple[int, int]] = Field(
+        "top5", description="detections to explain per image: 'topK' (by score), 'score>=X', 'class=C' "
+                            "(id, or a name from class_names), or (query, class_id) pairs 'q:c,q:c'")
+    top_concepts: int = Field(5, ge=0, description="conditional heatmaps per detection and layer (its most "
+                                                   "relevant channels)")
+    class_names: str | list[str] | None = Field(
+        None, description="class names, index = class id: a text file (one per line) or a list "
+                          "(default: the bundled demo's names for the demo model)")
+    faithfulness: bool = Field(False, description="deletion curves and pointing game per detection")
 
     @field_validator("layers", "features")
     @classmethod
@@ -91,6 +106,21 @@ class ResultRequest(BaseModel):
         return v
 
     _chunk = field_validator("feature_chunk")(classmethod(lambda cls, v: _positive_or_auto(v)))
+
+    @field_validator("detections", mode="before")
+    @classmethod
+    def _detections(cls, v: Any) -> Any:
+        if isinstance(v, str) and ":" in v and not v.strip().lower().startswith("class"):
+            return parse_detection_pairs(v)
+        return v
+
+    @property
+    def feature_targets(self) -> bool:
+        return self.target in ("features", "both")
+
+    @property
+    def detection_targets(self) -> bool:
+        return self.target in ("detections", "both")
 
     @property
     def modules(self) -> list[str]:
@@ -175,10 +205,15 @@ class ResultSpec(BaseModel):
     rules: str
     epsilon: float
     precision: str
+    detections: dict[str, Any] | None = Field(
+        None, description="detection targets: selection, top_concepts, class_names, faithfulness; None "
+                          "for a features-only request")
 
     def digest(self) -> str:
-        """Stable hash of the whole spec (16 hex digits)."""
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+        """Stable hash of the whole spec (16 hex digits); a features-only request hashes as before
+        detection targets existed."""
+        skip = {"detections"} if self.detections is None else set()
+        return hashlib.sha256(self.model_dump_json(exclude=skip).encode()).hexdigest()[:16]
 
     def differences(self, other: Mapping[str, Any] | None) -> list[str]:
         """Keys whose values differ from ``other`` (an earlier spec's JSON form)."""

@@ -23,6 +23,7 @@ import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -31,7 +32,8 @@ import pyarrow.parquet as pq
 
 from lrp_ray.results import atomic_path, atomic_write_text, partitions, read_parts
 
-__all__ = ["write_summary", "write_errors", "summarize_partition", "SUMMARY_COLUMNS"]
+__all__ = ["write_summary", "write_errors", "summarize_partition", "write_detection_summary",
+           "SUMMARY_COLUMNS"]
 
 SUMMARY_COLUMNS = ["module", "layer", "feature", "n_rows", "n_images", "relevance_mean", "relevance_std",
                    "input_relevance_mean", "input_relevance_std", "activation_mean", "activation_std",
@@ -192,3 +194,35 @@ def write_errors(out: Path, errors: list) -> None:
     for e in errors:
         w.writerow([csv_safe(e.name), csv_safe(e.reason)])
     atomic_write_text(out / "errors.csv", buf.getvalue())
+
+
+def write_detection_summary(out: Path, top_k: int) -> dict[str, Any]:
+    """``out/concepts_by_class.csv`` from ``out/concepts`` (one part at a time), and the detection counts
+    for the manifest: detections explained, per class, images without one, pointing game and deletion
+    areas when faithfulness was computed."""
+    from lrp_ray.results.detections import (
+        BY_CLASS_NAME,
+        concepts_by_class,
+        detection_dataset_files,
+        load_detections,
+        no_detection_images,
+        read_faithfulness,
+    )
+
+    cols = ["image", "query", "class_id", "class_name", "module", "layer", "feature", "relevance", "share"]
+    frames = (pq.read_table(f, columns=cols).to_pandas() for f in detection_dataset_files(out, "concepts"))
+    by_class = concepts_by_class(frames, top_k)
+    atomic_write_text(out / BY_CLASS_NAME, by_class.map(csv_safe).to_csv(index=False))
+    dets = load_detections(out, columns=["image", "class_id", "class_name"])
+    info: dict[str, Any] = {"detections": 0 if dets is None else len(dets),
+                            "images_without_detections": len(no_detection_images(out)),
+                            "by_class_rows": len(by_class)}
+    if dets is not None and len(dets):
+        names = dets["class_name"].fillna(dets["class_id"].astype(str))
+        info["per_class"] = {str(k): int(v) for k, v in names.value_counts().sort_index().items()}
+    faith = read_faithfulness(out)
+    if faith is not None and len(faith):
+        info["pointing_game"] = float(faith["pointing_hit"].mean())
+        info["auc_relevance_mean"] = float(faith["auc_relevance"].mean())
+        info["auc_random_mean"] = float(faith["auc_random"].mean())
+    return info

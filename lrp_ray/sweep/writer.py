@@ -15,20 +15,31 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lrp_ray.results import PART_GLOB, SCHEMA, atomic_path, atomic_write_text, result_to_table
+from lrp_ray.results.detections import BY_CLASS_NAME, DETECTION_DATASETS, ROWS_KEY
 
 __all__ = ["SCHEMA", "result_to_table", "write_part", "done_keys", "clean_temp_files", "atomic_write_text",
-           "atomic_path", "OWNED_NAMES", "clear_outputs"]
+           "atomic_path", "OWNED_NAMES", "clear_outputs", "schema_of", "dataset_names", "ROWS_KEY"]
 
-OWNED_NAMES = ("relevance", "summary.csv", "summary.parquet", "errors.csv", "manifest.json", "heatmaps",
-               "report.html", "_cache")
+OWNED_NAMES = ("relevance", *DETECTION_DATASETS, BY_CLASS_NAME, "summary.csv", "summary.parquet",
+               "errors.csv", "manifest.json", "heatmaps", "report.html", "_cache")
 """What a sweep writes in OUT (and ``--overwrite`` deletes); anything else there is left alone."""
 
 
-def write_part(dataset: Path, relpath: str, table: pa.Table) -> Path:
+def schema_of(dataset: str) -> pa.Schema:
+    """The part schema of ``OUT/<dataset>``."""
+    return SCHEMA if dataset == "relevance" else DETECTION_DATASETS[dataset]
+
+
+def dataset_names(out: Path) -> list[str]:
+    """The datasets a sweep may have written into ``out``."""
+    return ["relevance", *DETECTION_DATASETS]
+
+
+def write_part(dataset: Path, relpath: str, table: pa.Table, schema: pa.Schema = SCHEMA) -> Path:
     """Write ``table`` to ``dataset/relpath`` atomically (see :func:`atomic_path`); returns the path."""
     final = dataset / relpath
     with atomic_path(final) as tmp:
-        pq.write_table(table.cast(SCHEMA), tmp, compression="zstd")
+        pq.write_table(table.cast(schema.with_metadata(table.schema.metadata)), tmp, compression="zstd")
     return final
 
 
@@ -44,7 +55,7 @@ def clean_temp_files(dataset: Path) -> int:
     """Remove temp files an interrupted run left behind; returns how many."""
     n = 0
     if dataset.is_dir():
-        for p in dataset.glob("module=*/layer=*/.part-*.tmp-*"):
+        for p in [*dataset.glob("module=*/layer=*/.part-*.tmp-*"), *dataset.glob(".part-*.tmp-*")]:
             p.unlink(missing_ok=True)
             n += 1
     return n
