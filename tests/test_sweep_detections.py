@@ -175,8 +175,8 @@ def test_detection_keys_do_not_change_a_feature_request(tmp_path):
 
 
 def test_bf16_detection_concepts_agree_with_fp32(api_frames):
-    """bf16 (compute in bfloat16, accumulate in float32) picks the same detections and nearly the same
-    concepts and maps: it is a speed/memory option, not another method."""
+    """bf16 (compute in bfloat16, accumulate in float32) picks the same detections, and its concepts and
+    maps stay within the feature sweep's bf16 tolerance (1 % relative L2, tests/test_lrp_correctness.py)."""
     from lrp_ray.api import explain_detections, load_model
     from lrp_ray.demo import CLASS_NAMES
     from lrp_ray.sweep.images import DEMO_IMAGES
@@ -185,12 +185,17 @@ def test_bf16_detection_concepts_agree_with_fp32(api_frames):
     images = sorted(p for p in DEMO_IMAGES.rglob("*") if p.is_file() and p.suffix != ".json")
     lo = explain_detections(load_model(None, None), images, "class=car", layers=LAYERS, top_concepts=3,
                             batch_size=3, class_names=CLASS_NAMES, device="cpu", precision="bf16")
+    rel_l2 = lambda x, y: float(np.linalg.norm(x - y) / np.linalg.norm(x))
     key = [*DET_KEY, "module", "layer", "feature"]
     a, b = ex.concepts.sort_values(key), lo.concepts.sort_values(key)
     assert len(a) == len(b) > 0
-    x, y = a["relevance"].to_numpy(), b["relevance"].to_numpy()
-    assert np.linalg.norm(x - y) / np.linalg.norm(x) < 0.1
-    assert np.corrcoef(x, y)[0, 1] > 0.99
+    assert rel_l2(a["relevance"].to_numpy(), b["relevance"].to_numpy()) < 0.01
     da, db = ex.detections.sort_values(DET_KEY), lo.detections.sort_values(DET_KEY)
-    for m1, m2 in zip(da["token_map"], db["token_map"], strict=True):
-        assert np.corrcoef(m1, m2)[0, 1] > 0.95
+    assert (da["query"].to_numpy() == db["query"].to_numpy()).all()
+    assert rel_l2(np.concatenate(list(da["token_map"])), np.concatenate(list(db["token_map"]))) < 0.01
+    mkey = [*DET_KEY, "module", "layer", "rank"]
+    ma, mb = ex.heatmaps.sort_values(mkey), lo.heatmaps.sort_values(mkey)
+    same = ma["feature"].to_numpy() == mb["feature"].to_numpy()
+    assert same.mean() > 0.9  # near-ties may swap ranks
+    kept_a, kept_b = list(ma["token_map"][same]), list(mb["token_map"][same])
+    assert rel_l2(np.concatenate(kept_a), np.concatenate(kept_b)) < 0.01
