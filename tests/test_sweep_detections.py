@@ -164,12 +164,13 @@ def test_detection_keys_do_not_change_a_feature_request(tmp_path):
     """A features-only request hashes the same whatever its (unused) detection keys say, and as before
     detection targets existed (no detections entry in its result spec)."""
     digests = []
-    for kw in ({}, {"detections": "top3", "top_concepts": 9, "faithfulness": True}):
+    for kw in ({}, {"detections": "top3", "top_concepts": 9, "faithfulness": True,
+                    "pixel_composite": "EpsilonGammaBox", "pixel_max_side": 64}):
         prep = prepare(SweepSpec(features="0-1", layers="0", out=str(tmp_path / f"o{len(digests)}"), **kw),
                        log_fn=lambda s: None)
         digests.append(prep.hash)
         assert "detections" not in json.loads(prep.result.model_dump_json(exclude={"detections"}))
-        assert prep.result.detections is None
+        assert prep.result.detections is None and prep.result.pixels is None
         prep.release()
     assert digests[0] == digests[1]
 

@@ -114,6 +114,8 @@ class Manifest(_Part):
     heatmaps: HeatmapsInfo | None = None
     detections: dict[str, Any] | None = Field(None, description="detection targets: detections explained "
                                               "(per class), images without one, faithfulness means")
+    pixels: dict[str, Any] | None = Field(None, description="pixel maps: reference rows per feature (top), "
+                                          "composite identity, max_side, maps planned and computed")
     history: list[dict[str, Any]] = Field(default_factory=list, description="earlier runs into this "
                                           "folder, oldest first: status, run, counts, timings")
 

@@ -16,6 +16,7 @@ import warnings
 from collections import OrderedDict
 from typing import Any
 
+import pyarrow as pa
 import ray
 import torch
 
@@ -199,7 +200,8 @@ class LrpWorker:
         self._t = dict.fromkeys(("decode", "forward", "import", "relevance", "table"), 0.0)
         cache, meta, source = self._get_cache(item["batch_key"], images_box, cache_box)
         t_cache = time.perf_counter() - t0
-        compute = {"features": self._feature_tables, "detections": self._detection_tables}[item["kind"]]
+        compute = {"features": self._feature_tables, "detections": self._detection_tables,
+                   "pixels": self._pixel_tables}[item["kind"]]
         tables, extra = compute(item, cache, meta, image_names, images_box)
         # the engine may have built derived data (per-token maps) for this cache: account for it now
         footprint = cache_footprint(cache)
@@ -249,6 +251,36 @@ class LrpWorker:
         self._t["relevance"] = t2 - t1
         self._t["table"] = time.perf_counter() - t2
         return tables, {"detections": int(tables["detections"].num_rows)}
+
+    def _pixel_tables(self, item: dict, cache: Any, meta: dict, image_names: list[str],
+                      images_box: list) -> tuple[dict, dict]:
+        """Rows of a pixel item: the pixel maps of its picks (image, feature, query) only, each from the
+        target's relevance at the transformer input through input_proj and the backbone."""
+        import numpy as np
+
+        from lrp_ray.models import preprocess
+        from lrp_ray.pixels import pixel_maps_from_tokens
+        from lrp_ray.results.pixels import pixel_table
+
+        t1 = time.perf_counter()
+        features = [int(f) for f in item["features"]]
+        queries = item["queries"] if item["module"] == "decoder" else None
+        rel, qs = self.engine.token_relevance(cache, item["module"], item["layer"], features, queries)
+        per = qs.shape[1] // max(1, len(features))
+        feats = np.repeat(np.asarray(features), per)
+        want = {(str(i), int(f), int(q)) for i, f, q in item["picks"]}
+        valid = np.array([[(image_names[b], int(feats[n]), int(qs[b, n])) in want for n in range(qs.shape[1])]
+                          for b in range(qs.shape[0])])
+        batch = preprocess(list(ray.get(images_box[0], timeout=600)), self.cfg)
+        pm = pixel_maps_from_tokens(self.engine, cache, batch, rel, item["composite"], item["max_side"],
+                                    valid=valid)
+        pm.features, pm.queries = feats, qs
+        t2 = time.perf_counter()
+        table = pixel_table(pm, item["module"], item["layer"], image_names)
+        table = table.filter(pa.array(valid.reshape(-1)))
+        self._t["relevance"] = t2 - t1
+        self._t["table"] = time.perf_counter() - t2
+        return {"pixels": table}, {}
 
     def _empty_device_cache(self) -> None:
         if self.device.startswith("cuda"):

@@ -152,15 +152,21 @@ def _execute(prep: Prepared, log_fn: Callable[[str], None], progress: bool | Non
     todo = [it for it in prep.plan.items if it.part_relpath in redo]
     finished = planned - redo
     maps_before = sum(it.n_maps for it in prep.plan.items if it.part_relpath in finished)
-    if _already_complete(prep, todo, log_fn):
+    # pixel maps follow the token sweep (they are for each feature's reference rows, known once its rows
+    # are on disk): planned now when they already are, else after the token loop
+    pixel_plan = _pixel_plan(prep) if prep.result.pixels is not None and not todo else []
+    pixel_todo = _redo(sink, pixel_plan, run.overwrite)
+    if _already_complete(prep, todo + pixel_todo, log_fn):
         manifest = prep.old_manifest.model_dump(mode="json")
         return SweepResult(out, EXIT_IMAGES_FAILED if prep.errors else EXIT_OK, manifest, prep.errors, {})
-    fleet, loop, shutdown, desc, device, nodes = None, None, False, "nothing to compute", None, []
+    fleet, loop, ploop, shutdown, desc, device = None, None, None, False, "nothing to compute", None
+    nodes: list[str] = []
     status, exit_code, output_error, actors_info = "complete", EXIT_OK, None, []
     t_ray = time.perf_counter()
     t_sweep = ray_start = 0.0
-    if todo:
-        shutdown, desc, n_actors, opts, device, nodes = _connect(prep, len(todo))
+    pixels_pending = prep.result.pixels is not None and (bool(todo) or bool(pixel_todo))
+    if todo or pixels_pending:
+        shutdown, desc, n_actors, opts, device, nodes = _connect(prep, max(len(todo), len(pixel_todo), 1))
     try:
         interrupts.check()
         sink.open(run.overwrite, prep.errors, todo)
@@ -171,7 +177,7 @@ def _execute(prep: Prepared, log_fn: Callable[[str], None], progress: bool | Non
             log_fn(f"resuming: {len(prep.plan.items) - len(todo)} of {len(prep.plan.items)} work items "
                    "already done")
         sink.write_manifest(_base_manifest(prep, "running"))
-        if todo:
+        if todo or pixels_pending:
             fleet = _start_fleet(prep, n_actors, opts, device, log_fn, on_event)
             interrupts.check()
         ray_start = time.perf_counter() - t_ray
@@ -190,6 +196,23 @@ def _execute(prep: Prepared, log_fn: Callable[[str], None], progress: bool | Non
                 actors_info = fleet.final_info()
             if loop.failed:
                 status, exit_code = "incomplete", EXIT_INCOMPLETE
+        if pixels_pending and status == "complete":
+            if todo:
+                pixel_plan = _pixel_plan(prep)
+                pixel_todo = _redo(sink, pixel_plan, False)
+            if pixel_todo:
+                sink.drop_parts(pixel_todo)
+                log_fn(f"pixel maps: {sum(it.n_maps for it in pixel_todo)} for the reference rows of each "
+                       f"feature, {len(pixel_todo)} work items")
+                ploop = SweepLoop(prep, pixel_todo, fleet, sink, log_fn, None, on_event)
+                t0 = time.perf_counter()
+                try:
+                    ploop.run()
+                finally:
+                    t_sweep += time.perf_counter() - t0
+                    actors_info = fleet.final_info()
+                if ploop.failed:
+                    status, exit_code = "incomplete", EXIT_INCOMPLETE
     except KeyboardInterrupt:
         status, exit_code = "interrupted", EXIT_INTERRUPTED
         log_fn("interrupted: finished work items are kept; run the same command again to resume")
@@ -207,7 +230,7 @@ def _execute(prep: Prepared, log_fn: Callable[[str], None], progress: bool | Non
 
             ray.shutdown()
 
-    missing = sink.missing(prep.plan.items) if status == "complete" else []
+    missing = sink.missing(prep.plan.items + pixel_plan) if status == "complete" else []
     if missing:
         status, exit_code = "incomplete", EXIT_INCOMPLETE
         log_fn(f"sweep incomplete: {len(missing)} planned part(s) are not in {sink.dataset} (first: "
@@ -236,7 +259,7 @@ def _execute(prep: Prepared, log_fn: Callable[[str], None], progress: bool | Non
         status, exit_code = "incomplete", EXIT_INCOMPLETE
     if exit_code == EXIT_OK and prep.errors:
         exit_code = EXIT_IMAGES_FAILED
-    failed_items = dict(loop.failed) if loop else {}
+    failed_items = {**(loop.failed if loop else {}), **(ploop.failed if ploop else {})}
     lost = {e.name for e in prep.errors} & {i.name for i in prep.images}  # changed during the run
     stats = dict(loop.stats) if loop else {}
     fstats = dict(fleet.stats) if fleet else {}
@@ -251,8 +274,9 @@ def _execute(prep: Prepared, log_fn: Callable[[str], None], progress: bool | Non
             "images_found": len(prep.images) + len(prep.errors) - len(lost),
             "images_ok": len(prep.images) - len(lost), "images_failed": len(prep.errors),
             "batches": len(prep.plan.batches),
-            "items_total": len(prep.plan.items), "items_skipped_resume": len(prep.plan.items) - len(todo),
-            "items_run": len(loop.done) if loop else 0, "items_failed": len(failed_items),
+            "items_total": len(prep.plan.items) + len(pixel_plan),
+            "items_skipped_resume": len(prep.plan.items) + len(pixel_plan) - len(todo) - len(pixel_todo),
+            "items_run": sum(len(lp.done) for lp in (loop, ploop) if lp), "items_failed": len(failed_items),
             "items_missing": len(missing),
             "maps_total": prep.plan.total_maps, "maps_run": stats.get("maps", 0),
             "rows_written_this_run": sink.rows, "summary_rows": None if summary is None else len(summary),
@@ -270,6 +294,9 @@ def _execute(prep: Prepared, log_fn: Callable[[str], None], progress: bool | Non
         "profile_names": profile_names,
         "heatmaps": heatmaps,
         "detections": det_summary,
+        "pixels": None if prep.result.pixels is None else {
+            **prep.result.pixels, "maps": sum(it.n_maps for it in pixel_plan),
+            "maps_run": ploop.stats.get("maps", 0) if ploop else 0},
     })
     try:
         sink.write_manifest(manifest)
@@ -281,6 +308,26 @@ def _execute(prep: Prepared, log_fn: Callable[[str], None], progress: bool | Non
             log_fn(f"sweep stopped: {exc}")
     _final_table(log_fn, prep, manifest, summary)
     return SweepResult(out, exit_code, manifest, prep.errors, failed_items)
+
+
+def _pixel_plan(prep: Prepared) -> list:
+    """Pixel work items for every feature's reference rows (from the token rows on disk)."""
+    from lrp_ray.results.references import reference_rows
+
+    from .plan import pixel_items
+
+    refs = reference_rows(prep.out, int(prep.result.pixels["top"]))
+    picks = [(r.module, int(r.layer), str(r.image), int(r.feature), int(r.query))
+             for r in refs.itertuples(index=False)]
+    return pixel_items(picks, prep.plan.batches, tag=prep.hash)
+
+
+def _redo(sink: ResultSink, items: list, overwrite: bool) -> list:
+    """Of ``items``, those to compute: all with ``overwrite``, else those not proven on disk."""
+    if overwrite:
+        return list(items)
+    missing = set(sink.missing(items))
+    return [it for it in items if it.part_relpath in missing]
 
 
 def _detection_summary(prep: Prepared, status: str, exit_code: int, output_error: Any,

@@ -100,6 +100,10 @@ class SweepLoop:
                 "targets_per_feature": it.targets_per_feature, "datasets": list(it.datasets)}
         if it.kind == "detections":
             item.update(self.prep.result.detections or {}, layers=self.prep.result.layers)
+        elif it.kind == "pixels":
+            px = self.prep.result.pixels or {}
+            item.update(picks=[list(p) for p in it.picks], composite=px["composite"]["pixel_name"],
+                        max_side=px["max_side"])
         self.fleet.submit(idx, it.uid, item, list(b.images), [self.images[b.index]], cache_box)
 
     def _open(self, a: Assignment) -> bool:

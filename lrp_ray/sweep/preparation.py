@@ -205,6 +205,7 @@ def prepare(spec: SweepSpec, log_fn: Callable[[str], None] = print) -> Prepared:
     else:
         features, queries = [], None
     detections = _detection_request(spec, parts) if spec.detection_targets else None
+    pixels = _pixel_request(spec) if spec.pixels else None
     state = {k: v.detach().cpu().contiguous().numpy() for k, v in model.state_dict().items()}
     cfg = model.cfg
     numerics = _numerics(model, spec)
@@ -224,7 +225,7 @@ def prepare(spec: SweepSpec, log_fn: Callable[[str], None] = print) -> Prepared:
         images=[(i.name, i.sha1) for i in ok], batch_size=spec.batch_size, layers=layers,
         features=format_indices(features) if spec.feature_targets else "none", queries=queries,
         item_features=spec.item_features, rules=spec.rules, epsilon=spec.epsilon, precision=spec.precision,
-        detections=detections)
+        detections=detections, pixels=pixels)
     digest = result.digest()
     t3 = time.perf_counter()
     plan = make_plan([i.name for i in ok], spec.batch_size, layers, features, spec.item_features, per_feature,
@@ -286,6 +287,22 @@ def _detection_request(spec: SweepSpec, parts: Any) -> dict[str, Any]:
         selection = [list(p) for p in selection]
     return {"selection": selection, "top_concepts": int(spec.top_concepts), "class_names": names,
             "faithfulness": bool(spec.faithfulness)}
+
+
+def _pixel_request(spec: SweepSpec) -> dict[str, Any]:
+    """Pixel maps as part of the result spec: how many reference rows per feature, the composite's
+    identity (name, parameters, zennit version) and the map size."""
+    from lrp_ray.pixels import resolve_composite
+    from lrp_ray.queries import top_k
+
+    if not spec.feature_targets:
+        raise BadRequest("pixels: pixel maps are computed for feature targets (--target features or both)")
+    try:
+        composite = resolve_composite(spec.pixel_composite)
+    except ValueError as exc:
+        raise BadRequest(f"pixel_composite: {one_line(exc, 300)}") from None
+    return {"top": int(top_k(spec.pixels)), "composite": composite.identity(),
+            "max_side": int(spec.pixel_max_side)}
 
 
 def _detection_datasets(detections: dict[str, Any] | None) -> tuple[str, ...]:

@@ -108,6 +108,15 @@ class ResultSink:
         except OSError as exc:
             raise OutputError(exc, f"to {self.out}") from exc
 
+    def drop_parts(self, items: Iterable[WorkItem]) -> None:
+        """Remove the (short or unreadable) parts of ``items``, about to be computed again."""
+        try:
+            for it in items:
+                for name, rel in it.parts.items():
+                    (self.out / name / rel).unlink(missing_ok=True)
+        except OSError as exc:
+            raise OutputError(exc, f"to {self.out}") from exc
+
     def commit(self, item: WorkItem, tables: dict[str, Any]) -> bool:
         """Write ``item``'s rows once (one table per dataset of the item, in the item's order: its last
         part, written last, records the row counts of the others); False (and nothing written) for a
@@ -151,11 +160,11 @@ class ResultSink:
 
         parts = it.parts
         try:
-            if len(parts) == 1:
+            if it.single_part:
                 name, rel = next(iter(parts.items()))
                 meta = pq.read_metadata(self.out / name / rel)
-                lost = json.loads((meta.metadata or {}).get(LOST_KEY, b"[]"))
-                return meta.num_rows == it.n_maps // it.n_images * (it.n_images - len(lost))
+                lost = set(json.loads((meta.metadata or {}).get(LOST_KEY, b"[]")))
+                return meta.num_rows == it.expected_rows(lost)
             last = list(parts)[-1]
             meta = pq.read_metadata(self.out / last / parts[last])
             counts = json.loads((meta.metadata or {}).get(ROWS_KEY, b"{}"))

@@ -92,6 +92,13 @@ class ResultRequest(BaseModel):
         None, description="class names, index = class id: a text file (one per line) or a list "
                           "(default: the bundled demo's names for the demo model)")
     faithfulness: bool = Field(False, description="deletion curves and pointing game per detection")
+    # --- pixel maps (LRP continued through input_proj and the backbone)
+    pixels: str | None = Field(None, description="after the token sweep, pixel maps for each feature's "
+                                                 "reference rows: 'topN' by activation and by relevance")
+    pixel_composite: str = Field("EpsilonPlusFlat", description="zennit composite of the backbone "
+                                                                "(EpsilonPlusFlat, EpsilonGammaBox, "
+                                                                "EpsilonAlpha2Beta1Flat, EpsilonFlat)")
+    pixel_max_side: int = Field(256, ge=1, description="pixel maps are block-summed to at most this side")
 
     @field_validator("layers", "features")
     @classmethod
@@ -112,6 +119,15 @@ class ResultRequest(BaseModel):
     def _detections(cls, v: Any) -> Any:
         if isinstance(v, str) and ":" in v and not v.strip().lower().startswith("class"):
             return parse_detection_pairs(v)
+        return v
+
+    @field_validator("pixels")
+    @classmethod
+    def _pixels(cls, v: Any) -> Any:
+        from lrp_ray.queries import top_k
+
+        if v is not None and top_k(v) is None:
+            raise ValueError(f"expected 'topN' (e.g. 'top8'), got {v!r}")
         return v
 
     @property
@@ -208,11 +224,13 @@ class ResultSpec(BaseModel):
     detections: dict[str, Any] | None = Field(
         None, description="detection targets: selection, top_concepts, class_names, faithfulness; None "
                           "for a features-only request")
+    pixels: dict[str, Any] | None = Field(
+        None, description="pixel maps: top (reference rows per feature), composite identity, max_side")
 
     def digest(self) -> str:
-        """Stable hash of the whole spec (16 hex digits); a features-only request hashes as before
-        detection targets existed."""
-        skip = {"detections"} if self.detections is None else set()
+        """Stable hash of the whole spec (16 hex digits); a request without detection targets or pixel
+        maps hashes as before they existed."""
+        skip = {k for k in ("detections", "pixels") if getattr(self, k) is None}
         return hashlib.sha256(self.model_dump_json(exclude=skip).encode()).hexdigest()[:16]
 
     def differences(self, other: Mapping[str, Any] | None) -> list[str]:

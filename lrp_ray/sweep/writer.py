@@ -16,23 +16,28 @@ import pyarrow.parquet as pq
 
 from lrp_ray.results import PART_GLOB, SCHEMA, atomic_path, atomic_write_text, result_to_table
 from lrp_ray.results.detections import BY_CLASS_NAME, DETECTION_DATASETS, ROWS_KEY
+from lrp_ray.results.pixels import PIXEL_SCHEMA, PIXELS_DIR
 
 __all__ = ["SCHEMA", "result_to_table", "write_part", "done_keys", "clean_temp_files", "atomic_write_text",
            "atomic_path", "OWNED_NAMES", "clear_outputs", "schema_of", "dataset_names", "ROWS_KEY"]
 
-OWNED_NAMES = ("relevance", *DETECTION_DATASETS, BY_CLASS_NAME, "summary.csv", "summary.parquet",
+OWNED_NAMES = ("relevance", *DETECTION_DATASETS, PIXELS_DIR, BY_CLASS_NAME, "summary.csv", "summary.parquet",
                "errors.csv", "manifest.json", "heatmaps", "report.html", "_cache")
 """What a sweep writes in OUT (and ``--overwrite`` deletes); anything else there is left alone."""
 
 
 def schema_of(dataset: str) -> pa.Schema:
     """The part schema of ``OUT/<dataset>``."""
-    return SCHEMA if dataset == "relevance" else DETECTION_DATASETS[dataset]
+    if dataset == "relevance":
+        return SCHEMA
+    if dataset == PIXELS_DIR:
+        return PIXEL_SCHEMA
+    return DETECTION_DATASETS[dataset]
 
 
 def dataset_names(out: Path) -> list[str]:
     """The datasets a sweep may have written into ``out``."""
-    return ["relevance", *DETECTION_DATASETS]
+    return ["relevance", *DETECTION_DATASETS, PIXELS_DIR]
 
 
 def write_part(dataset: Path, relpath: str, table: pa.Table, schema: pa.Schema = SCHEMA) -> Path:
