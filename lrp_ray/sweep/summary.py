@@ -214,8 +214,9 @@ def write_detection_summary(out: Path, top_k: int) -> dict[str, Any]:
     by_class = concepts_by_class(frames, top_k)
     atomic_write_text(out / BY_CLASS_NAME, by_class.map(csv_safe).to_csv(index=False))
     dets = load_detections(out, columns=["image", "class_id", "class_name"])
+    empty = sorted(no_detection_images(out))
     info: dict[str, Any] = {"detections": 0 if dets is None else len(dets),
-                            "images_without_detections": len(no_detection_images(out)),
+                            "images_without_detections": len(empty), "no_detection_images": empty,
                             "by_class_rows": len(by_class)}
     if dets is not None and len(dets):
         names = dets["class_name"].fillna(dets["class_id"].astype(str))
