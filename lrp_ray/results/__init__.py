@@ -22,6 +22,14 @@ from .dataset import (
     read_parts,
     relevance_dir,
 )
+from .detections import (
+    load_concept_maps,
+    load_concepts,
+    load_detections,
+    no_detection_images,
+    read_concepts_by_class,
+    read_faithfulness,
+)
 from .files import atomic_path, atomic_write_text
 from .manifest import (
     MANIFEST_NAME,
@@ -64,4 +72,6 @@ __all__ = [
     "Manifest", "ModelInfo", "Selection", "RunInfo", "Counts", "PeakMemory", "HeatmapsInfo", "ManifestError",
     "STATUSES", "MANIFEST_NAME", "read_manifest", "write_manifest",
     "atomic_path", "atomic_write_text",
+    "load_detections", "load_concepts", "load_concept_maps", "read_concepts_by_class", "read_faithfulness",
+    "no_detection_images",
 ]
