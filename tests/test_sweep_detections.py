@@ -153,6 +153,46 @@ def test_bad_detection_requests_are_refused_in_one_line(tmp_path, kw, needle):
     assert needle in msg and "\n" not in msg
 
 
+@pytest.mark.parametrize(("text", "needle"), [
+    ("car\ncar\ndisc\nbar\n", "'car' names classes 0 and 1"),
+    ("car\n\ntriangle\nbar\n", "class 1 has an empty name"),
+])
+def test_ambiguous_or_empty_class_names_are_refused(tmp_path, text, needle):
+    names = tmp_path / "names.txt"
+    names.write_text(text)
+    with pytest.raises(BadRequest, match=needle):
+        prepare(det_spec(tmp_path / "OUT", class_names=str(names)), log_fn=lambda s: None).release()
+
+
+def test_a_class_names_file_with_a_byte_order_mark_reads_as_text(tmp_path):
+    names = tmp_path / "names.txt"
+    names.write_bytes("car\ndisc\ntriangle\nbar\n".encode("utf-8-sig"))
+    prep = prepare(det_spec(tmp_path / "OUT", class_names=str(names)), log_fn=lambda s: None)
+    try:
+        assert prep.result.detections["class_names"][0] == "car"
+        assert prep.result.detections["selection"] == "class=0"
+    finally:
+        prep.release()
+
+
+@pytest.mark.parametrize("kw", [{"detections": "top3"}, {"faithfulness": True}, {"top_concepts": 2},
+                                {"pixel_composite": "EpsilonFlat"}, {"pixel_max_side": 64}])
+def test_options_without_their_target_are_refused(kw):
+    from lrp_ray.sweep.spec import merge_flags
+
+    with pytest.raises(BadRequest, match="apply to"):
+        merge_flags({}, {"features": "0", **kw})
+
+
+def test_a_yaml_pair_read_as_a_number_gets_a_hint(tmp_path):
+    from lrp_ray.sweep.spec import load_spec
+
+    job = tmp_path / "job.yaml"
+    job.write_text("target: detections\ndetections: 12:2\n")
+    with pytest.raises(BadRequest, match="quote"):
+        load_spec(job)
+
+
 def test_bad_selection_syntax_is_refused_when_read():
     with pytest.raises(ValueError, match="query:class_id"):
         SweepSpec(detections="3:x")
@@ -160,43 +200,20 @@ def test_bad_selection_syntax_is_refused_when_read():
         SweepSpec(top_concepts=-1)
 
 
-def test_detection_keys_do_not_change_a_feature_request(tmp_path):
-    """A features-only request hashes the same whatever its (unused) detection keys say, and as before
-    detection targets existed (no detections entry in its result spec)."""
-    digests = []
-    for kw in ({}, {"detections": "top3", "top_concepts": 9, "faithfulness": True,
-                    "pixel_composite": "EpsilonGammaBox", "pixel_max_side": 64}):
-        prep = prepare(SweepSpec(features="0-1", layers="0", out=str(tmp_path / f"o{len(digests)}"), **kw),
-                       log_fn=lambda s: None)
-        digests.append(prep.hash)
-        assert "detections" not in json.loads(prep.result.model_dump_json(exclude={"detections"}))
+def test_a_feature_request_hashes_as_before_detection_targets_and_pixels(tmp_path):
+    """Without detection targets or pixel maps the digest is that of the result spec without those two
+    keys, as before they existed: folders of earlier versions still resume."""
+    import hashlib
+
+    prep = prepare(SweepSpec(features="0-1", layers="0", out=str(tmp_path / "o")), log_fn=lambda s: None)
+    try:
         assert prep.result.detections is None and prep.result.pixels is None
+        old = prep.result.model_dump_json(exclude={"detections", "pixels"})
+        assert "detections" not in json.loads(old)
+        assert prep.hash == hashlib.sha256(old.encode()).hexdigest()[:16]
+        other = prepare(SweepSpec(features="0-1", layers="0", out=str(tmp_path / "p"), target="both"),
+                        log_fn=lambda s: None)
+        assert other.hash != prep.hash
+        other.release()
+    finally:
         prep.release()
-    assert digests[0] == digests[1]
-
-
-def test_bf16_detection_concepts_agree_with_fp32(api_frames):
-    """bf16 (compute in bfloat16, accumulate in float32) picks the same detections, and its concepts and
-    maps stay within the feature sweep's bf16 tolerance (1 % relative L2, tests/test_lrp_correctness.py)."""
-    from lrp_ray.api import explain_detections, load_model
-    from lrp_ray.demo import CLASS_NAMES
-    from lrp_ray.sweep.images import DEMO_IMAGES
-
-    ex, _ = api_frames
-    images = sorted(p for p in DEMO_IMAGES.rglob("*") if p.is_file() and p.suffix != ".json")
-    lo = explain_detections(load_model(None, None), images, "class=car", layers=LAYERS, top_concepts=3,
-                            batch_size=3, class_names=CLASS_NAMES, device="cpu", precision="bf16")
-    rel_l2 = lambda x, y: float(np.linalg.norm(x - y) / np.linalg.norm(x))
-    key = [*DET_KEY, "module", "layer", "feature"]
-    a, b = ex.concepts.sort_values(key), lo.concepts.sort_values(key)
-    assert len(a) == len(b) > 0
-    assert rel_l2(a["relevance"].to_numpy(), b["relevance"].to_numpy()) < 0.01
-    da, db = ex.detections.sort_values(DET_KEY), lo.detections.sort_values(DET_KEY)
-    assert (da["query"].to_numpy() == db["query"].to_numpy()).all()
-    assert rel_l2(np.concatenate(list(da["token_map"])), np.concatenate(list(db["token_map"]))) < 0.01
-    mkey = [*DET_KEY, "module", "layer", "rank"]
-    ma, mb = ex.heatmaps.sort_values(mkey), lo.heatmaps.sort_values(mkey)
-    same = ma["feature"].to_numpy() == mb["feature"].to_numpy()
-    assert same.mean() > 0.9  # near-ties may swap ranks
-    kept_a, kept_b = list(ma["token_map"][same]), list(mb["token_map"][same])
-    assert rel_l2(np.concatenate(kept_a), np.concatenate(kept_b)) < 0.01

@@ -25,7 +25,7 @@ KEY = ["module", "layer", "image", "feature", "query"]
 def spec(images, config, out) -> SweepSpec:
     return SweepSpec(config=str(config), images=str(images), out=str(out), module="both", layers="0",
                      features="0-3", queries="top2", batch_size=2, target="both", detections="top2",
-                     top_concepts=2, actors=1)
+                     top_concepts=2, pixels="top1", pixel_max_side=32, actors=1)
 
 
 def _rows(df: pd.DataFrame, key: list[str]) -> pd.DataFrame:
@@ -43,7 +43,9 @@ def test_changed_and_vanished_images_cost_only_themselves(ray_session, tiny_conf
     rng = np.random.default_rng(7)
     from PIL import Image
 
+    original = (images / CHANGED).read_bytes()
     Image.fromarray(rng.integers(0, 255, (96, 64, 3), dtype=np.uint8)).save(images / CHANGED)  # new content
+    vanished = (images / VANISHED).read_bytes()
     (images / VANISHED).unlink()
     res = execute(prep, log_fn=lambda s: None, progress=False)
 
@@ -52,8 +54,11 @@ def test_changed_and_vanished_images_cost_only_themselves(ray_session, tiny_conf
     assert counts["images_failed"] == 2 and counts["images_ok"] == 3 and counts["items_missing"] == 0
     with open(tmp_path / "OUT" / "errors.csv", newline="") as fh:
         errors = {r["image"]: r["reason"] for r in csv.DictReader(fh)}
+    with open(tmp_path / "OUT" / "errors.csv", newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == 2  # once each, though both phases (tokens, pixels) met them
     assert set(errors) == {CHANGED, VANISHED}
     assert all("since it was checked" in r for r in errors.values())
+    assert not set(pd.read_parquet(tmp_path / "OUT" / "pixels")["image"]) & {CHANGED, VANISHED}
 
     got, want = load(tmp_path / "OUT"), load(tmp_path / "ref")
     assert not set(got["image"]) & {CHANGED, VANISHED}
@@ -76,3 +81,32 @@ def test_changed_and_vanished_images_cost_only_themselves(ray_session, tiny_conf
     # the request named those images with their checked content: running it again is another request
     with pytest.raises(BadRequest, match="images"):
         prepare(spec(images, tiny_config, tmp_path / "OUT"), log_fn=lambda s: None).release()
+
+    # ... until they are back as they were: then the parts written without them are computed again
+    (images / CHANGED).write_bytes(original)
+    (images / VANISHED).write_bytes(vanished)
+    again = run_sweep(spec(images, tiny_config, tmp_path / "OUT"), log_fn=lambda s: None, progress=False)
+    assert again.exit_code == 0 and again.manifest["counts"]["images_failed"] == 0
+    full, ref_rows = _rows(load(tmp_path / "OUT"), KEY), _rows(load(tmp_path / "ref"), KEY)
+    assert len(full) == len(ref_rows)
+    np.testing.assert_array_equal(full["relevance_total"].to_numpy(), ref_rows["relevance_total"].to_numpy())
+    assert len(load_concepts(tmp_path / "OUT")) == len(load_concepts(tmp_path / "ref"))
+    px_out, px_ref = (pd.read_parquet(tmp_path / d / "pixels") for d in ("OUT", "ref"))
+    assert len(px_out) == len(px_ref)
+
+
+def test_an_image_lost_in_a_resumed_run_leaves_no_rows_in_earlier_parts(ray_session, tiny_config, tmp_path):
+    """Parts of its batch written by an earlier (interrupted) run held its rows: they are rewritten."""
+    images = write_images(tmp_path / "images")
+    out = tmp_path / "OUT"
+    assert run_sweep(spec(images, tiny_config, out), log_fn=lambda s: None, progress=False).exit_code == 0
+    for p in (out / "relevance").rglob("part-b00000-*.parquet"):  # as if interrupted: batch 0 half done
+        if "decoder" in str(p):
+            p.unlink()
+    prep = prepare(spec(images, tiny_config, out), log_fn=lambda s: None)
+    (images / CHANGED).unlink()   # b.png is in batch 0
+    res = execute(prep, log_fn=lambda s: None, progress=False)
+    assert res.exit_code == 1 and res.manifest["status"] == "complete"
+    assert CHANGED not in set(load(out)["image"])
+    assert CHANGED not in set(load_concepts(out)["image"])
+    assert CHANGED not in set(pd.read_parquet(out / "pixels")["image"])

@@ -31,7 +31,8 @@ from .schema import Column, backbone_stride
 
 __all__ = [
     "DETECTION_SCHEMA", "CONCEPT_SCHEMA", "CONCEPT_MAP_SCHEMA", "FAITHFULNESS_SCHEMA", "BY_CLASS_COLUMNS",
-    "DETECTION_DATASETS", "BY_CLASS_NAME", "detection_tables", "tables_to_frames", "concepts_by_class",
+    "DETECTION_DATASETS", "BY_CLASS_NAME", "BY_CLASS_PARQUET", "detection_tables", "tables_to_frames",
+    "concepts_by_class",
     "load_detections", "load_concepts", "load_concept_maps", "read_concepts_by_class", "read_faithfulness",
     "detection_dataset_files", "no_detection_images", "class_name",
 ]
@@ -116,6 +117,7 @@ DETECTION_DATASETS: dict[str, pa.Schema] = {
 """Folder name -> schema, in commit order: ``detections`` last (its part proves the batch complete)."""
 
 BY_CLASS_NAME = "concepts_by_class.csv"
+BY_CLASS_PARQUET = "concepts_by_class.parquet"
 BY_CLASS_COLUMNS = ("class_id", "class_name", "module", "layer", "feature", "detections", "share_mean",
                     "share_std", "relevance_mean", "top_k_rate")
 """Columns of :func:`concepts_by_class` (and ``concepts_by_class.csv``)."""
@@ -365,7 +367,11 @@ def read_faithfulness(out: str | Path) -> pd.DataFrame | None:
 
 
 def read_concepts_by_class(out: str | Path) -> pd.DataFrame | None:
-    """``concepts_by_class.csv`` (None when the run has none)."""
+    """The per-class ranking (``concepts_by_class.parquet``, exact; else the CSV; None when the run has
+    none)."""
+    exact = Path(out) / BY_CLASS_PARQUET
+    if exact.is_file():
+        return pd.read_parquet(exact)
     path = Path(out) / BY_CLASS_NAME
     if not path.is_file():
         return None

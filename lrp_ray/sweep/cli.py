@@ -29,6 +29,7 @@ pointing game.
 
 Results (OUT): relevance/ (Parquet, partitioned by module and layer; pandas.read_parquet(OUT/"relevance")),
 detection targets' detections/, concepts/, concept_maps/, faithfulness/ and concepts_by_class.csv,
+--pixels' pixels/ (pixel maps of each feature's reference rows),
 summary.csv, errors.csv (images that could not be used, with the reason), manifest.json.
 Re-running the same request into the same OUT resumes it, with any "running" settings (actors, device,
 cache budget, ...: they never change a number); a different request into a non-empty OUT is refused
@@ -151,6 +152,10 @@ def parse_request(argv: Sequence[str] | None = None, prog: str = "lrp-ray") -> t
         flags["features"] = DEMO_FEATURES  # the bundled demo: a quick first run
         if all(flags.get(k) is None for k in _DETECTION_KEYS):  # ... that also explains the demo's cars
             flags.update(target="both", detections=DEMO_DETECTIONS, faithfulness=True)
+        elif flags.get("target") is None:  # detection options alone: on top of the demo's features
+            flags["target"] = "both"
+            flags.setdefault("detections", None)
+            flags["detections"] = flags["detections"] or DEMO_DETECTIONS
     return merge_flags(data, flags), args
 
 

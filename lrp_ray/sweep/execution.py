@@ -144,7 +144,7 @@ def _execute(prep: Prepared, log_fn: Callable[[str], None], progress: bool | Non
 
     t_start = time.perf_counter()
     run, out = prep.run, prep.out
-    sink = ResultSink(out)
+    sink = ResultSink(out, usable=[i.name for i in prep.images])
     # what is done is proven from disk (every planned part there with its rows), never from names alone:
     # a short or corrupt part is computed again
     planned = {it.part_relpath for it in prep.plan.items}
@@ -154,9 +154,14 @@ def _execute(prep: Prepared, log_fn: Callable[[str], None], progress: bool | Non
     maps_before = sum(it.n_maps for it in prep.plan.items if it.part_relpath in finished)
     # pixel maps follow the token sweep (they are for each feature's reference rows, known once its rows
     # are on disk): planned now when they already are, else after the token loop
-    pixel_plan = _pixel_plan(prep) if prep.result.pixels is not None and not todo else []
+    pixel_plan, pixel_error = [], None
+    if prep.result.pixels is not None and not todo:
+        try:
+            pixel_plan = _pixel_plan(prep)
+        except Exception as exc:  # token parts that cannot be read: they are not what the plan needs
+            pixel_error = f"cannot plan the pixel maps: {one_line(exc, 300)}"
     pixel_todo = _redo(sink, pixel_plan, run.overwrite)
-    if _already_complete(prep, todo + pixel_todo, log_fn):
+    if pixel_error is None and _already_complete(prep, todo + pixel_todo, log_fn):
         manifest = prep.old_manifest.model_dump(mode="json")
         return SweepResult(out, EXIT_IMAGES_FAILED if prep.errors else EXIT_OK, manifest, prep.errors, {})
     fleet, loop, ploop, shutdown, desc, device = None, None, None, False, "nothing to compute", None
@@ -165,8 +170,9 @@ def _execute(prep: Prepared, log_fn: Callable[[str], None], progress: bool | Non
     t_ray = time.perf_counter()
     t_sweep = ray_start = 0.0
     pixels_pending = prep.result.pixels is not None and (bool(todo) or bool(pixel_todo))
-    if todo or pixels_pending:
-        shutdown, desc, n_actors, opts, device, nodes = _connect(prep, max(len(todo), len(pixel_todo), 1))
+    if todo or pixels_pending:  # (pixel items, planned after the token loop, are one or more per batch)
+        n_items = max(len(todo), len(pixel_todo), len(prep.plan.batches) if pixels_pending else 1)
+        shutdown, desc, n_actors, opts, device, nodes = _connect(prep, n_items)
     try:
         interrupts.check()
         sink.open(run.overwrite, prep.errors, todo)
@@ -198,7 +204,10 @@ def _execute(prep: Prepared, log_fn: Callable[[str], None], progress: bool | Non
                 status, exit_code = "incomplete", EXIT_INCOMPLETE
         if pixels_pending and status == "complete":
             if todo:
-                pixel_plan = _pixel_plan(prep)
+                try:
+                    pixel_plan = _pixel_plan(prep)
+                except Exception as exc:
+                    pixel_error = f"cannot plan the pixel maps: {one_line(exc, 300)}"
                 pixel_todo = _redo(sink, pixel_plan, False)
             if pixel_todo:
                 sink.drop_parts(pixel_todo)
@@ -230,10 +239,20 @@ def _execute(prep: Prepared, log_fn: Callable[[str], None], progress: bool | Non
 
             ray.shutdown()
 
+    if sink.lost and status not in ("interrupted", "output_error"):
+        try:  # a resumed batch: its parts from earlier runs still hold the lost images' rows
+            sink.drop_lost_rows(prep.plan.items + pixel_plan)
+        except OutputError as exc:
+            status, exit_code, output_error = "output_error", EXIT_OUTPUT, exc
+            log_fn(f"sweep stopped: {exc}")
+    if pixel_error and status == "complete":
+        status, exit_code = "incomplete", EXIT_INCOMPLETE
+        log_fn(f"sweep incomplete: {pixel_error}; run the same command again (with --overwrite if a "
+               "token part is damaged)")
     missing = sink.missing(prep.plan.items + pixel_plan) if status == "complete" else []
     if missing:
         status, exit_code = "incomplete", EXIT_INCOMPLETE
-        log_fn(f"sweep incomplete: {len(missing)} planned part(s) are not in {sink.dataset} (first: "
+        log_fn(f"sweep incomplete: {len(missing)} planned part(s) are not in {out} (first: "
                f"{missing[0]}); run the same command again to compute them")
     t_sum = time.perf_counter()
     summary = None
@@ -260,8 +279,8 @@ def _execute(prep: Prepared, log_fn: Callable[[str], None], progress: bool | Non
     if exit_code == EXIT_OK and prep.errors:
         exit_code = EXIT_IMAGES_FAILED
     failed_items = {**(loop.failed if loop else {}), **(ploop.failed if ploop else {})}
-    lost = {e.name for e in prep.errors} & {i.name for i in prep.images}  # changed during the run
-    stats = dict(loop.stats) if loop else {}
+    lost = sink.lost_names  # changed or vanished during the run
+    stats = _merged(lp.stats for lp in (loop, ploop) if lp)
     fstats = dict(fleet.stats) if fleet else {}
     profile_names = dict(loop.profile_names) if loop else {}
     if prep.resumed and prep.old_manifest is not None:
@@ -278,7 +297,7 @@ def _execute(prep: Prepared, log_fn: Callable[[str], None], progress: bool | Non
             "items_skipped_resume": len(prep.plan.items) + len(pixel_plan) - len(todo) - len(pixel_todo),
             "items_run": sum(len(lp.done) for lp in (loop, ploop) if lp), "items_failed": len(failed_items),
             "items_missing": len(missing),
-            "maps_total": prep.plan.total_maps, "maps_run": stats.get("maps", 0),
+            "maps_total": prep.plan.total_maps, "maps_run": (loop.stats.get("maps", 0) if loop else 0),
             "rows_written_this_run": sink.rows, "summary_rows": None if summary is None else len(summary),
         },
         "forward_passes": stats.get("forward_passes", 0),
@@ -287,16 +306,16 @@ def _execute(prep: Prepared, log_fn: Callable[[str], None], progress: bool | Non
                         **{k: fstats.get(k, 0) for k in ("reassigned", "actor_restarts", "actors_replaced")}},
         "failed_items": failed_items,
         "error": None if output_error is None else str(output_error),
-        "timings": _timings(prep, ray_start, t_sweep, t_sum, loop, sink,
+        "timings": _timings(prep, ray_start, t_sweep, t_sum, [lp for lp in (loop, ploop) if lp], sink,
                             prep.timings.get("prepare", 0) + time.perf_counter() - t_start),
         "peak_memory": {"driver_rss": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024,
-                        "actors": loop.actor_peaks if loop else {}},
+                        "actors": {k: v for lp in (loop, ploop) if lp for k, v in lp.actor_peaks.items()}},
         "profile_names": profile_names,
         "heatmaps": heatmaps,
         "detections": det_summary,
         "pixels": None if prep.result.pixels is None else {
             **prep.result.pixels, "maps": sum(it.n_maps for it in pixel_plan),
-            "maps_run": ploop.stats.get("maps", 0) if ploop else 0},
+            "maps_run": ploop.stats.get("maps", 0) if ploop else 0, "error": pixel_error},
     })
     try:
         sink.write_manifest(manifest)
@@ -348,7 +367,16 @@ def _detection_summary(prep: Prepared, status: str, exit_code: int, output_error
     return info, status, exit_code, output_error
 
 
-def _timings(prep: Prepared, ray_start: float, sweep: float, summary: float, loop: Any, sink: ResultSink,
+def _merged(counters: Any) -> dict[str, float]:
+    """Sum of dicts of numbers (the loops' stats or seconds)."""
+    out: dict[str, float] = {}
+    for c in counters:
+        for k, v in c.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def _timings(prep: Prepared, ray_start: float, sweep: float, summary: float, loops: list, sink: ResultSink,
              total: float) -> dict[str, float]:
     """Wall seconds of the phases, and where the sweep's time went (``manifest.json`` ``timings``).
 
@@ -359,7 +387,7 @@ def _timings(prep: Prepared, ray_start: float, sweep: float, summary: float, loo
     ``propagation`` (actor-seconds: with several actors they can add up to more than ``sweep``),
     ``writing`` (the driver's Parquet part writes) and ``result_tables`` (rows to Arrow on the actors).
     """
-    sec = loop.seconds if loop else {}
+    sec = _merged(lp.seconds for lp in loops)
     out = dict(prep.timings)
     out.update({
         "ray_start": ray_start, "sweep": sweep, "summary": summary,

@@ -43,8 +43,6 @@ class SweepLoop:
         self.images: dict[int, Any] = {}
         self.digests = {i.name: i.sha1 for i in prep.images}
         self.infos = {i.name: i for i in prep.images}
-        self.lost: dict[int, set[str]] = {}
-        """Per batch: images that changed or vanished since they were checked (their rows are dropped)."""
         self.exports: dict[int, tuple[int, Any]] = {}
         self.stats = Counter({k: 0 for k in ("forward_passes", "cache_hits", "cache_transfers", "exports",
                                              "item_retries", "maps", "detections")})
@@ -128,10 +126,10 @@ class SweepLoop:
                 lost[name] = ("changed or vanished since it was checked: "
                               f"{getattr(exc, 'reason', None) or one_line(exc, 200)}")
         if lost:
-            self.lost[a.batch.index] = set(lost)
             for name, reason in lost.items():
-                self.log(f"image {name}: {reason}; its batch mates are computed without it")
-            self.sink.add_errors([ImageError(n, r) for n, r in lost.items()])
+                if name not in self.sink.lost_names:
+                    self.log(f"image {name}: {reason}; its batch mates are computed without it")
+            self.sink.add_lost(a.batch.index, [ImageError(n, r) for n, r in lost.items()])
         self.seconds["read_images"] += time.perf_counter() - t0
         self.images[a.batch.index] = self.fleet.ray.put(images)
         return True
@@ -171,8 +169,8 @@ class SweepLoop:
 
     def _on_rows(self, actor: int, it: WorkItem, payload: dict) -> None:
         tables = payload["tables"]
-        if it.batch in self.lost:
-            tables = without_images(tables, self.lost[it.batch])
+        if it.batch in self.sink.lost:
+            tables = without_images(tables, self.sink.lost[it.batch])
         if it.uid in self.done or it.uid in self.failed or not self.sink.commit(it, tables):
             return
         for k, v in (payload.get("timings") or {}).items():

@@ -261,12 +261,24 @@ def _class_names(spec: SweepSpec) -> list[str] | None:
     if not path.is_file():
         raise BadRequest(f"class_names {names}: {'is a folder' if path.is_dir() else 'file not found'}")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise BadRequest(f"class_names {names}: cannot read it ({one_line(exc, 200)})") from None
     while lines and not lines[-1].strip():
         lines.pop()
     return [line.strip() for line in lines]
+
+
+def _check_class_names(names: list[str], source: Any) -> None:
+    """One name per class id: none empty, none twice (a name must say which class it is)."""
+    for k, name in enumerate(names):
+        if not name:
+            raise BadRequest(f"class_names {source}: class {k} has an empty name (line {k + 1})")
+    seen: dict[str, int] = {}
+    for k, name in enumerate(names):
+        if name in seen:
+            raise BadRequest(f"class_names {source}: {name!r} names classes {seen[name]} and {k}")
+        seen[name] = k
 
 
 def _detection_request(spec: SweepSpec, parts: Any) -> dict[str, Any]:
@@ -275,6 +287,8 @@ def _detection_request(spec: SweepSpec, parts: Any) -> dict[str, Any]:
     from lrp_ray.lrp.detections import parse_selection, resolve_class_name
 
     names = _class_names(spec)
+    if names is not None:
+        _check_class_names(names, spec.class_names if isinstance(spec.class_names, str) else "list")
     n_classes = int(parts.class_embed.weight.shape[0]) - 1
     if names is not None and len(names) < n_classes:
         raise BadRequest(f"class_names: {len(names)} names for a model with {n_classes} classes")

@@ -80,7 +80,7 @@ class ResultSink:
     """Parts of ``OUT/relevance`` (hive-partitioned by module and layer) and of the detection datasets,
     errors.csv and manifest.json."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, usable: Iterable[str] = ()) -> None:
         self.out = out
         self.dataset = out / "relevance"
         self.committed: set[str] = set()
@@ -88,6 +88,15 @@ class ResultSink:
         self.duplicates = 0
         self.seconds = 0.0
         self.errors: list = []
+        self.usable = set(usable)
+        """The request's usable images: a part written without one of them (it had changed during an
+        earlier run) is not done."""
+        self.lost: dict[int, set[str]] = {}
+        """Per batch: images that changed or vanished during this run (their rows are dropped)."""
+
+    @property
+    def lost_names(self) -> set[str]:
+        return set().union(*self.lost.values()) if self.lost else set()
 
     def open(self, overwrite: bool, errors: list, redo: Iterable[WorkItem] = ()) -> None:
         """Make OUT ready: clear it (``overwrite``), drop temp files left behind and the parts of ``redo``
@@ -125,6 +134,13 @@ class ResultSink:
             self.duplicates += 1
             return False
         t0 = time.perf_counter()
+        self._write(item, tables)
+        self.seconds += time.perf_counter() - t0
+        self.committed.add(item.part_relpath)
+        self.rows += sum(t.num_rows for t in tables.values())
+        return True
+
+    def _write(self, item: WorkItem, tables: dict[str, Any]) -> None:
         parts = item.parts
         if set(tables) != set(parts):
             raise ValueError(f"{item.uid}: tables for {sorted(tables)}, expected {sorted(parts)}")
@@ -140,33 +156,52 @@ class ResultSink:
                 write_part(self.out / name, rel, table, schema_of(name))
             except OSError as exc:  # disk full, read-only, a file where a folder must go: stop cleanly
                 raise OutputError(exc, f"{self.out / name / rel}") from exc
-        self.seconds += time.perf_counter() - t0
-        self.committed.add(item.part_relpath)
-        self.rows += sum(counts.values())
-        return True
+
+    def drop_lost_rows(self, items: Iterable[WorkItem]) -> int:
+        """Rewrite parts written before this run that still hold rows of images lost during it (a
+        resumed batch): afterwards no part holds a row of an image in errors.csv. Returns the parts
+        rewritten."""
+        import pyarrow.parquet as pq
+
+        n = 0
+        for it in items:
+            names = self.lost.get(it.batch)
+            if not names or it.part_relpath in self.committed or not self._on_disk(it):
+                continue
+            try:
+                tables = {name: pq.read_table(self.out / name / rel) for name, rel in it.parts.items()}
+            except (OSError, ValueError):
+                continue  # not on disk whole: 'missing' reports it
+            if not any(t.num_rows and set(t.column("image").to_pylist()) & names for t in tables.values()):
+                continue
+            self._write(it, without_images(tables, names))
+            n += 1
+        return n
 
     def missing(self, items: list[WorkItem]) -> list[str]:
         """Planned items whose parts are not all on disk with their rows (what 'complete' is checked
         against): a feature part must hold its maps; a detection item's last part records the row
         counts of its others."""
+        usable = self.usable - self.lost_names
         bad = []
         for it in items:
-            if not self._on_disk(it):
+            if not self._on_disk(it, usable=usable):
                 bad.append(it.part_relpath)
         return bad
 
-    def _on_disk(self, it: WorkItem) -> bool:
+    def _on_disk(self, it: WorkItem, usable: set[str] | None = None) -> bool:
+        """All of ``it``'s parts whole with their rows, none written without a ``usable`` image."""
         import pyarrow.parquet as pq
 
         parts = it.parts
         try:
-            if it.single_part:
-                name, rel = next(iter(parts.items()))
-                meta = pq.read_metadata(self.out / name / rel)
-                lost = set(json.loads((meta.metadata or {}).get(LOST_KEY, b"[]")))
-                return meta.num_rows == it.expected_rows(lost)
             last = list(parts)[-1]
             meta = pq.read_metadata(self.out / last / parts[last])
+            lost = set(json.loads((meta.metadata or {}).get(LOST_KEY, b"[]")))
+            if usable is not None and lost & usable:  # the image is back: compute the part with it
+                return False
+            if it.single_part:
+                return meta.num_rows == it.expected_rows(lost)
             counts = json.loads((meta.metadata or {}).get(ROWS_KEY, b"{}"))
             if set(counts) != set(parts) or counts[last] != meta.num_rows:
                 return False
@@ -175,11 +210,17 @@ class ResultSink:
         except (OSError, ValueError, KeyError, TypeError):
             return False
 
-    def add_errors(self, errors: list) -> None:
-        """Images that failed during the run: added to the run's errors and to errors.csv at once."""
+    def add_lost(self, batch: int, errors: list) -> None:
+        """Images of ``batch`` that changed or vanished during the run: their rows are dropped, and each is
+        added once to the run's errors and to errors.csv at once."""
         from .summary import write_errors
 
-        self.errors.extend(errors)
+        self.lost.setdefault(batch, set()).update(e.name for e in errors)
+        known = {e.name for e in self.errors}
+        new = [e for e in errors if e.name not in known]
+        if not new:
+            return
+        self.errors.extend(new)
         try:
             write_errors(self.out, self.errors)
         except OSError as exc:

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..safe_yaml import load_mapping
 from .indices import (
@@ -114,9 +114,23 @@ class ResultRequest(BaseModel):
 
     _chunk = field_validator("feature_chunk")(classmethod(lambda cls, v: _positive_or_auto(v)))
 
+    @model_validator(mode="after")
+    def _options_need_their_target(self) -> ResultRequest:
+        given = self.model_fields_set
+        det = sorted(given & {"detections", "top_concepts", "class_names", "faithfulness"})
+        if det and not self.detection_targets:
+            raise ValueError(f"{', '.join(det)} apply to detection targets: add target: detections or both "
+                             "(--target)")
+        px = sorted(given & {"pixel_composite", "pixel_max_side"})
+        if px and self.pixels is None:
+            raise ValueError(f"{', '.join(px)} apply to pixel maps: add pixels: topN (--pixels)")
+        return self
+
     @field_validator("detections", mode="before")
     @classmethod
     def _detections(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):  # YAML 1.1 reads 12:2 as a base-60 number
+            raise ValueError("detections: quote query:class pairs in YAML, e.g. detections: '12:2'")
         if isinstance(v, str) and ":" in v and not v.strip().lower().startswith("class"):
             return parse_detection_pairs(v)
         return v
@@ -253,7 +267,11 @@ _UNION_HINTS = {
 def _validation_message(exc: ValidationError, source: str) -> str:
     msgs = []
     for err in exc.errors():
-        key = str(err.get("loc", ("?",))[0])
+        loc = err.get("loc")
+        if not loc:  # the request as a whole (options that need another option)
+            msgs.append(err.get("msg", "").removeprefix("Value error, "))
+            continue
+        key = str(loc[0])
         kind = err.get("type")
         msg = err.get("msg", "").removeprefix("Value error, ").removeprefix(f"{key}: ")
         if kind == "extra_forbidden":

@@ -202,6 +202,7 @@ def write_detection_summary(out: Path, top_k: int) -> dict[str, Any]:
     areas when faithfulness was computed."""
     from lrp_ray.results.detections import (
         BY_CLASS_NAME,
+        BY_CLASS_PARQUET,
         concepts_by_class,
         detection_dataset_files,
         load_detections,
@@ -213,6 +214,8 @@ def write_detection_summary(out: Path, top_k: int) -> dict[str, Any]:
     frames = (pq.read_table(f, columns=cols).to_pandas() for f in detection_dataset_files(out, "concepts"))
     by_class = concepts_by_class(frames, top_k)
     atomic_write_text(out / BY_CLASS_NAME, by_class.map(csv_safe).to_csv(index=False))
+    with atomic_path(out / BY_CLASS_PARQUET) as tmp:  # the exact values (names without the CSV guard)
+        pq.write_table(pa.Table.from_pandas(by_class, preserve_index=False), tmp)
     dets = load_detections(out, columns=["image", "class_id", "class_name"])
     empty = sorted(no_detection_images(out))
     info: dict[str, Any] = {"detections": 0 if dets is None else len(dets),

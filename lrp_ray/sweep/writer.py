@@ -15,14 +15,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lrp_ray.results import PART_GLOB, SCHEMA, atomic_path, atomic_write_text, result_to_table
-from lrp_ray.results.detections import BY_CLASS_NAME, DETECTION_DATASETS, ROWS_KEY
+from lrp_ray.results.detections import BY_CLASS_NAME, BY_CLASS_PARQUET, DETECTION_DATASETS, ROWS_KEY
 from lrp_ray.results.pixels import PIXEL_SCHEMA, PIXELS_DIR
 
 __all__ = ["SCHEMA", "result_to_table", "write_part", "done_keys", "clean_temp_files", "atomic_write_text",
            "atomic_path", "OWNED_NAMES", "clear_outputs", "schema_of", "dataset_names", "ROWS_KEY"]
 
-OWNED_NAMES = ("relevance", *DETECTION_DATASETS, PIXELS_DIR, BY_CLASS_NAME, "summary.csv", "summary.parquet",
-               "errors.csv", "manifest.json", "heatmaps", "report.html", "_cache")
+OWNED_NAMES = ("relevance", *DETECTION_DATASETS, PIXELS_DIR, BY_CLASS_NAME, BY_CLASS_PARQUET, "summary.csv",
+               "summary.parquet", "errors.csv", "manifest.json", "heatmaps", "report.html", "atlas", "_cache")
 """What a sweep writes in OUT (and ``--overwrite`` deletes); anything else there is left alone."""
 
 
