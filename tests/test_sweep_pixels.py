@@ -128,3 +128,29 @@ def test_the_composite_is_part_of_the_request(tmp_path):
     finally:
         a.release()
         b.release()
+
+
+def test_the_atlas_shows_pixel_maps_where_they_exist_and_says_so(swept, tmp_path):
+    """Reference pictures with a pixel map are drawn from it (captioned 'pixel map'), the others from
+    the token map ('token map'); every picture a page names is on disk."""
+    import re
+    import shutil
+
+    from lrp_ray.report import build_report
+
+    out = tmp_path / "OUT"
+    shutil.copytree(swept[0], out)
+    build_report(out, workers=1)
+    px = pd.read_parquet(out / "pixels", columns=["module", "layer", "feature", "image"])
+    n_pixel_captions = 0
+    for (module, layer, feature), rows in px.groupby(["module", "layer", "feature"]):
+        page = (out / "atlas" / "features" / f"{module}-{layer}-{feature}.html").read_text()
+        captions = re.findall(r"<figcaption><b>(#\d+ by (?:activation|relevance))</b>: "
+                              r"[^<]*?(pixel|token) map<br>([^<]*)</figcaption>", page)
+        pixel_refs = {(img, rank) for rank, kind, img in captions if kind == "pixel"}
+        assert {img for img, _ in pixel_refs} == set(rows["image"])  # each mapped image, as a pixel map
+        assert any(kind == "token" for _, kind, _ in captions)  # the others stay token maps
+        n_pixel_captions += len(pixel_refs)
+        for src in re.findall(r'src="\.\./(img/[^"]+)"', page):
+            assert (out / "atlas" / src).is_file(), src
+    assert n_pixel_captions >= len(px)  # each pixel-mapped reference row is shown as one

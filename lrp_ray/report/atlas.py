@@ -21,7 +21,7 @@ from typing import Any
 
 from lrp_ray.results import atomic_write_text
 
-from .features import Feature, Settings, build_features
+from .features import Feature, Settings, build_features, pixel_index
 from .folder import Folder, read_folder, sweep_command
 from .health import Problem
 from .pages import copy_static, render, write_if_changed
@@ -57,9 +57,12 @@ def _load_state(path: Path) -> dict[str, str]:
 def _tasks(folder: Folder, todo: list[Feature]) -> list[Any]:
     by_file: dict[int, dict[str, MapJob]] = {}
     by_layer: dict[tuple, dict[str, MapJob]] = {}
+    by_pixels: dict[str, dict[str, MapJob]] = {}
     for f in todo:
         for where, job in f.jobs:
-            if isinstance(where, tuple):
+            if isinstance(where, tuple) and where[0] == "pixels":
+                target = by_pixels.setdefault(str(where[1]), {})
+            elif isinstance(where, tuple):
                 target = by_layer.setdefault(where, {})
             else:
                 target = by_file.setdefault(where, {})
@@ -68,6 +71,8 @@ def _tasks(folder: Folder, todo: list[Feature]) -> list[Any]:
                         for i, j in sorted(by_file.items())]
     tasks += [MapTask(path=str(folder.out), source="concept_maps", jobs=list(j.values()))
               for _, j in sorted(by_layer.items(), key=lambda kv: str(kv[0]))]
+    tasks += [MapTask(path=path, source="pixels", jobs=list(j.values()))
+              for path, j in sorted(by_pixels.items())]
     return tasks
 
 
@@ -102,7 +107,8 @@ def build_atlas(out_dir: str | Path, images_root: str | Path | None = None, *, t
     settings = settings or Settings(top=top)
     atlas = folder.out / ATLAS_DIR
     features = build_features(folder.scan.rows, folder.det, settings,
-                              folder.manifest.input_geometry() if folder.manifest else (None, None))
+                              folder.manifest.input_geometry() if folder.manifest else (None, None),
+                              pixel_index(folder.out))
     for f in features:
         f.incomplete = f.key in folder.health.incomplete_features
     state_path = atlas / STATE_NAME

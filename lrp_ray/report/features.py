@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -196,12 +197,47 @@ def _records(df: pd.DataFrame) -> list[SimpleNamespace]:
     return [SimpleNamespace(**dict(zip(cols, vals, strict=True))) for vals in zip(*data, strict=True)]
 
 
-def _add_ref(f: Feature, r: Any, target: list[Ref], label: str, mode: str, geometry) -> None:
-    job = _row_job(f, r, mode, geometry)
-    f.jobs.append((int(r.frag), job))
+PixelIndex = dict[tuple[str, int, int, str, "int | None"], tuple[str, int, int]]
+"""(module, layer, feature, image, query) -> (pixel part file, pixel_h, pixel_w)."""
+
+
+def pixel_index(out: Path) -> PixelIndex:
+    """Where the pixel maps of a sweep's ``--pixels`` are (key columns only; empty without any)."""
+    import pyarrow.parquet as pq
+
+    from lrp_ray.results.pixels import pixel_files
+
+    index: PixelIndex = {}
+    for path in pixel_files(out):
+        try:
+            t = pq.read_table(path, columns=["module", "layer", "image", "feature", "query", "pixel_h",
+                                              "pixel_w"]).to_pydict()
+        except (OSError, ValueError):
+            continue
+        for i in range(len(t["image"])):
+            key = (str(t["module"][i]), int(t["layer"][i]), int(t["feature"][i]), str(t["image"][i]),
+                   _opt(t["query"][i]))
+            index.setdefault(key, (str(path), int(t["pixel_h"][i]), int(t["pixel_w"][i])))
+    return index
+
+
+def _add_ref(f: Feature, r: Any, target: list[Ref], label: str, mode: str, geometry,
+             pixels: PixelIndex | None = None) -> None:
     q = _opt(r.query)
+    px = (pixels or {}).get((f.module, f.layer, f.feature, str(r.image), q))
+    if px is None:  # the token map, from the row's part file
+        job = _row_job(f, r, mode, geometry)
+        f.jobs.append((int(r.frag), job))
+        kind = "token map"
+    else:  # the pixel map (--pixels): on the original image's grid
+        path, ph, pw = px
+        image = str(r.image)
+        job = MapJob(key=(image, f.feature, q), dest=image_file(f.slug, "pixel", image, q, mode), image=image,
+                     image_hw=_image_hw(r), grid_hw=(ph, pw), mode=mode)
+        f.jobs.append((("pixels", path), job))
+        kind = "pixel map"
     target.append(Ref(image=str(r.image), query=q, score=float(r.score), label=label, src=job.dest,
-                      detail="" if q is None else f"query {q}"))
+                      detail=kind if q is None else f"query {q}, {kind}"))
 
 
 def _signatures(rows: pd.DataFrame) -> dict[tuple, str]:
@@ -254,7 +290,8 @@ def _pct(q: float) -> str:
 
 
 def build_features(rows: pd.DataFrame, det: Detections | None, settings: Settings,
-                   manifest_geometry: tuple[Any, Any] = (None, None)) -> list[Feature]:
+                   manifest_geometry: tuple[Any, Any] = (None, None),
+                   pixels: PixelIndex | None = None) -> list[Feature]:
     """Every swept feature with its references and planned pictures (``Feature.jobs``: (part file index or
     (module, layer) for concept maps, job)). Features in the order encoder, decoder; layer; feature."""
     geometry = _geometry_fill(manifest_geometry)
@@ -268,7 +305,7 @@ def build_features(rows: pd.DataFrame, det: Detections | None, settings: Setting
         features[k] = Feature(module=k[0], layer=k[1], feature=k[2], slug=feature_slug(*k),
                               page=feature_page(*k))
     if len(rows):
-        _from_rows(rows, features, settings, geometry)
+        _from_rows(rows, features, settings, geometry, pixels)
     if det is not None and det.present:
         _from_detections(rows, det, features, settings, geometry)
     _similar(rows, features, settings.similar)
@@ -282,7 +319,8 @@ def build_features(rows: pd.DataFrame, det: Detections | None, settings: Setting
     return list(features.values())
 
 
-def _from_rows(rows: pd.DataFrame, features: dict[tuple, Feature], settings: Settings, geometry) -> None:
+def _from_rows(rows: pd.DataFrame, features: dict[tuple, Feature], settings: Settings, geometry,
+               pixels: PixelIndex | None = None) -> None:
     g = rows.groupby(KEY, observed=True, sort=False)
     stats = pd.DataFrame({"n_rows": g.size(), "n_images": g["image"].nunique(),
                           "act_mean": g["act_mean"].mean(), "act_std": g["act_mean"].std(ddof=0),
@@ -308,14 +346,14 @@ def _from_rows(rows: pd.DataFrame, features: dict[tuple, Feature], settings: Set
     for r in _records(sel_act):
         f = features[(str(r.module), int(r.layer), int(r.feature))]
         if r.pos < top:
-            _add_ref(f, r, f.refs_act, f"#{int(r.pos) + 1} by activation", "crop", geometry)
+            _add_ref(f, r, f.refs_act, f"#{int(r.pos) + 1} by activation", "crop", geometry, pixels)
         if np.isfinite(r.q):
-            _add_ref(f, r, f.refs_low, _pct(float(r.q)), "crop", geometry)
+            _add_ref(f, r, f.refs_low, _pct(float(r.q)), "crop", geometry, pixels)
         if gallery:
-            _add_ref(f, r, f.gallery, f"activation rank {int(r.pos) + 1}", "full", geometry)
+            _add_ref(f, r, f.gallery, f"activation rank {int(r.pos) + 1}", "full", geometry, pixels)
     for r in _records(sel_rel):
         f = features[(str(r.module), int(r.layer), int(r.feature))]
-        _add_ref(f, r, f.refs_rel, f"#{int(r.pos) + 1} by relevance", "crop", geometry)
+        _add_ref(f, r, f.refs_rel, f"#{int(r.pos) + 1} by relevance", "crop", geometry, pixels)
     # Histograms: every row of each feature (one sort, then slices).
     codes = g.ngroup().to_numpy()
     order = np.argsort(codes, kind="stable")

@@ -67,7 +67,8 @@ class TaskResult:
 
 _KEYS = {"relevance": ("image", "feature", "query"),
          "concept_maps": ("image", "query", "module", "layer", "feature"),
-         "detections": ("image", "query", "class_id")}
+         "detections": ("image", "query", "class_id"),
+         "pixels": ("image", "feature", "query")}
 
 
 # ------------------------------------------------------------------------------------------ pictures
@@ -104,7 +105,13 @@ def _colorize(base: np.ndarray, m: np.ndarray, lim: float) -> np.ndarray:
 
 
 def _limit(token_map: np.ndarray) -> float:
-    lim = float(np.max(np.abs(token_map))) if token_map.size else 0.0
+    """The colour scale's end: the largest |value| of a token map; for a pixel map (many cells, a few
+    extreme ones) its 99.5th percentile, so that one hot pixel does not wash the rest out."""
+    a = np.abs(token_map[np.isfinite(token_map)]) if token_map.size else np.zeros(0)
+    if not a.size:
+        return 1.0
+    lim = float(np.percentile(a, 99.5)) if a.size > 4096 else float(a.max())
+    lim = lim if lim > 0 else float(a.max())
     return lim if lim > 0 and math.isfinite(lim) else 1.0
 
 
@@ -295,6 +302,11 @@ def _read_maps(task: MapTask) -> dict[tuple, np.ndarray]:
             from lrp_ray.results import read_parts
 
             t = read_parts([Path(task.path)], [*keys, "token_map"], flt)
+        elif task.source == "pixels":  # a part of OUT/pixels: the map on the original image's grid
+            import pyarrow.parquet as pq
+
+            t = pq.read_table(task.path, columns=[*keys, "pixel_map"], filters=flt)
+            t = t.rename_columns([*keys, "token_map"])
         else:
             from .detect import Detections
 
