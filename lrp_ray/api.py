@@ -31,7 +31,7 @@ from .sweep.images import IMAGE_EXTENSIONS
 
 __all__ = ["load_model", "explain", "explain_arrays", "engine_for", "IMAGE_EXTENSIONS", "list_images",
            "explain_detections", "DetectionExplanation", "DETECTION_COLUMNS", "CONCEPT_COLUMNS",
-           "HEATMAP_COLUMNS"]
+           "HEATMAP_COLUMNS", "PIXEL_COLUMNS"]
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -61,21 +61,53 @@ def _features(features: int | str | Iterable[int], hidden_dim: int) -> list[int]
     return list(dict.fromkeys(int(f) for f in features))  # each feature once, in the order given
 
 
+PIXEL_COLUMNS = ("pixel_map", "pixel_h", "pixel_w", "pixel_relevance", "pixel_composite")
+"""Columns ``pixels=True`` adds: the pixel map (row-major float32 list on the original image's grid
+reduced to ``pixel_max_side`` by block sums), its shape, its sum and the zennit composite's name."""
+
+
+def _pixel_columns(pm: Any, slots: Sequence[tuple[int, int]]) -> dict[str, list]:
+    """Pixel columns for the (image, target) ``slots`` of a :class:`lrp_ray.pixels.PixelMaps`."""
+    return {
+        "pixel_map": [pm.pixel_map(b, n).astype(np.float32).ravel().tolist() for b, n in slots],
+        "pixel_h": [int(pm.shape_hw[b, 0]) for b, _ in slots],
+        "pixel_w": [int(pm.shape_hw[b, 1]) for b, _ in slots],
+        "pixel_relevance": [float(pm.pixel_relevance[b, n]) for b, n in slots],
+        "pixel_composite": [pm.composite for _ in slots],
+    }
+
+
 def explain_arrays(engine: LrpEngine, cfg: Any, images: Sequence[np.ndarray], ids: Sequence[str],
                    module: str, layer: int, features: int | str | Iterable[int],
-                   queries: Any = None, batch_size: int = 4) -> pd.DataFrame:
+                   queries: Any = None, batch_size: int = 4, pixels: bool = False,
+                   composite: str = "EpsilonPlusFlat", pixel_max_side: int | None = 256) -> pd.DataFrame:
     """Relevance rows for RGB uint8 arrays: one forward per batch, all features from its cache.
 
-    Rows carry the geometry of each image: original size, resized input size, token grid and stride."""
+    Rows carry the geometry of each image: original size, resized input size, token grid and stride.
+    ``pixels``: also the pixel map of every row (:data:`PIXEL_COLUMNS`; one backbone backward per image
+    for all its targets)."""
     feats = _features(features, engine.weights.hidden_dim)
     engine.validate(module, layer, feats)
+    if pixels:
+        from .pixels import resolve_composite
+
+        resolve_composite(composite)
     frames = []
     for i in range(0, len(images), batch_size):
         batch = preprocess(list(images[i:i + batch_size]), cfg)
         cache = engine.forward(batch)
         res: RelevanceResult = engine.relevance(cache, module, layer, feats, queries)
-        frames.append(res.to_frame(list(ids[i:i + batch_size]), batch.image_sizes,
-                                   stride=backbone_stride(cfg), input_sizes=batch.input_sizes))
+        frame = res.to_frame(list(ids[i:i + batch_size]), batch.image_sizes, stride=backbone_stride(cfg),
+                             input_sizes=batch.input_sizes)
+        if pixels:
+            from .pixels import feature_pixel_maps
+
+            pm = feature_pixel_maps(engine, cache, batch, module, layer, feats, queries, composite,
+                                    pixel_max_side)
+            slots = [(b, n) for b in range(res.n_images) for n in range(res.n_targets)]  # image-major rows
+            for k, v in _pixel_columns(pm, slots).items():
+                frame[k] = v
+        frames.append(frame)
     df = pd.concat(frames, ignore_index=True) if frames else empty_frame()
     if frames:
         df.attrs["profile_names"] = engine.profile_names(module, layer)
@@ -109,8 +141,15 @@ def _preprocessing(engine: LrpEngine, model: Any) -> Any:
 def explain(model: Any, images: str | Path | Sequence[str | Path | np.ndarray], module: str, layer: int,
             features: int | str | Iterable[int], queries: Any = None, rules: str = "cp",
             epsilon: float = 1e-6, batch_size: int = 4, device: str = "auto", precision: str = "fp32",
-            engine: LrpEngine | None = None) -> pd.DataFrame:
+            engine: LrpEngine | None = None, pixels: bool = False, composite: str = "EpsilonPlusFlat",
+            pixel_max_side: int | None = 256) -> pd.DataFrame:
     """LRP relevance of ``features`` at ``module`` layer ``layer``: one row per image x target.
+
+    ``pixels=True`` continues each row's relevance through the input projection and the ResNet backbone
+    to the image (zennit ``composite``: EpsilonPlusFlat, EpsilonGammaBox or EpsilonAlpha2Beta1Flat) and
+    adds :data:`PIXEL_COLUMNS`: ``pixel_map`` on the original image's grid reduced to at most
+    ``pixel_max_side`` pixels per side by summing blocks (its sum is the total pixel relevance), shape in
+    ``pixel_h``/``pixel_w``. It costs a backbone backward per image (all of its targets at once).
 
     ``images`` is a folder, an image file, or a list of paths and/or RGB uint8 arrays; a feature given
     twice is explained once. Unreadable images are skipped
@@ -124,7 +163,8 @@ def explain(model: Any, images: str | Path | Sequence[str | Path | np.ndarray], 
     engine = engine or engine_for(model, rules, epsilon, device, precision)
     arrays, ids, errors = _read_inputs(images)
     cfg = _preprocessing(engine, model)
-    df = explain_arrays(engine, cfg, arrays, ids, module, layer, features, queries, batch_size)
+    df = explain_arrays(engine, cfg, arrays, ids, module, layer, features, queries, batch_size, pixels,
+                        composite, pixel_max_side)
     df.attrs["errors"] = errors
     return df
 
@@ -200,7 +240,9 @@ def explain_detections(model: Any, images: str | Path | Sequence[str | Path | np
                        top_concepts: int = 5, rules: str = "cp", epsilon: float = 1e-6,
                        precision: str = "fp32", device: str = "auto", batch_size: int = 4,
                        class_names: Sequence[str] | None = None,
-                       engine: LrpEngine | None = None) -> DetectionExplanation:
+                       engine: LrpEngine | None = None, pixels: bool = False,
+                       composite: str = "EpsilonPlusFlat",
+                       pixel_max_side: int | None = 256) -> DetectionExplanation:
     """Explain detections: relevance from each detection's class logit to the input tokens, the
     relevance of every channel at the requested layers (concepts) and, for the ``top_concepts`` channels
     of each detection and layer, the token map conditioned on that channel (one pass per layer).
@@ -210,6 +252,8 @@ def explain_detections(model: Any, images: str | Path | Sequence[str | Path | np
     and rows carry ``class_name``; bad selections raise ValueError. ``layers``: None (every layer
     of ``module``), ints (for each module) or ``{"encoder": [...], "decoder": [...]}``. Images with no
     detection passing the selection are listed in ``no_detections``; unreadable ones in ``errors``.
+    ``pixels=True`` adds :data:`PIXEL_COLUMNS` to the detection rows: each detection's map continued
+    through the backbone to the image (as :func:`explain`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -224,14 +268,28 @@ def explain_detections(model: Any, images: str | Path | Sequence[str | Path | np
         images = list_images(images)
     arrays, ids, errors = _read_inputs(images)
     cfg = _preprocessing(engine, model)
-    tables, empty = [], []
+    if pixels:
+        from .pixels import resolve_composite
+
+        resolve_composite(composite)
+    tables, empty, pixel_parts = [], [], []
     for i in range(0, len(arrays), batch_size):
         names = ids[i:i + batch_size]
         batch = preprocess(list(arrays[i:i + batch_size]), cfg)
-        out = explain_batch(engine, engine.forward(batch), detections, want, int(top_concepts))
+        cache = engine.forward(batch)
+        out = explain_batch(engine, cache, detections, want, int(top_concepts))
         tables.append(detection_tables(out, names, batch.image_sizes, cfg, class_names, batch.input_sizes))
+        if pixels and out.relevance is not None:
+            from .pixels import detection_pixel_maps
+
+            pm = detection_pixel_maps(engine, cache, batch, out.dets, composite, pixel_max_side)
+            pixel_parts.append(_pixel_columns(pm, out.dets.items()))
         empty += [names[b] for b in out.dets.no_detections]
     frames = tables_to_frames(tables)
+    if pixels:
+        det = frames["detections"]
+        for k in PIXEL_COLUMNS:
+            det[k] = [v for part in pixel_parts for v in part[k]]
     return DetectionExplanation(
         detections=frames["detections"], concepts=frames["concepts"], heatmaps=frames["concept_maps"],
         no_detections=empty, errors=errors,

@@ -303,12 +303,7 @@ class LrpEngine:
         if chunk is not None and int(chunk) < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         cache = cache.to(self.device)
-        if module == "encoder":
-            if queries not in (None, "none"):
-                raise ValueError("queries apply to decoder targets only")
-            qsel = np.full((cache.batch_size, 1), -1)
-        else:
-            qsel = select_queries(cache, "all" if queries is None else queries)
+        qsel = self._query_selection(cache, module, queries)
         r = qsel.shape[1]
         step = int(chunk) if chunk else self.max_feature_chunk(cache, module, layer, r)
         # maps for calls with enough targets to pay for building them; the choice depends on this call
@@ -318,9 +313,43 @@ class LrpEngine:
                  for i in range(0, len(features), step)]
         return RelevanceResult.concat(parts)
 
+    def _query_selection(self, cache: ForwardCache, module: str, queries: QuerySpec) -> np.ndarray:
+        """[B, R] selected queries per image (``-1`` for encoder targets)."""
+        if module == "encoder":
+            if queries not in (None, "none"):
+                raise ValueError("queries apply to decoder targets only")
+            return np.full((cache.batch_size, 1), -1)
+        return select_queries(cache, "all" if queries is None else queries)
+
     @torch.no_grad()
-    def _relevance_chunk(self, cache: ForwardCache, module: str, layer: int, features: list[int],
-                         qsel: np.ndarray, use_maps: bool = False) -> RelevanceResult:
+    def token_relevance(self, cache: ForwardCache, module: str, layer: int, features: Sequence[int],
+                        queries: QuerySpec = None, chunk: int | None = None) -> tuple[Tensor, np.ndarray]:
+        """The full relevance at the transformer input, per token and channel: ``(R [B, N, T, d], queries
+        [B, N])`` for the targets of :meth:`relevance` (same order, chunking and numbers: summed over
+        ``d`` it is ``relevance(...).token_maps``). ``R = g * tokens`` (tokens = input_proj output, bias
+        included; padding zero): the upstream relevance for a backbone backward (:mod:`lrp_ray.pixels`)."""
+        features = [int(f) for f in features]
+        self.validate(module, layer, features)
+        if chunk is not None and int(chunk) < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        cache = cache.to(self.device)
+        qsel = self._query_selection(cache, module, queries)
+        r = qsel.shape[1]
+        step = int(chunk) if chunk else self.max_feature_chunk(cache, module, layer, r)
+        use_maps = self.config.ffn_maps and len(features) * r >= self.maps_min_targets
+        x0 = cache.tokens.to(self._acc) * (~cache.mask)[..., None].to(self._acc)
+        parts = []
+        for i in range(0, len(features), step):
+            g = self._carrier(cache, module, layer, features[i:i + step], qsel, use_maps)[0]
+            parts.append((g.to(self._acc) * x0[:, :, None, :]).transpose(1, 2))   # [B, n, T, d]
+        n = len(features) * r
+        qs = np.tile(qsel, (1, len(features))) if module == "decoder" else np.full((len(qsel), n), -1)
+        return torch.cat(parts, 1), qs
+
+    def _carrier(self, cache: ForwardCache, module: str, layer: int, features: list[int],
+                 qsel: np.ndarray, use_maps: bool) -> tuple[Tensor, Ledger, Tensor, Any, Any, Any]:
+        """Start ``g`` at the targets and propagate it to the input tokens: (g [B,T,N,d], ledger, target
+        relevance, act_sum, act_max, act_mean)."""
         w, acc = self.weights, self._acc
         d = w.hidden_dim
         valid = ~cache.mask
@@ -343,6 +372,16 @@ class LrpEngine:
         ledger = Ledger(acc)
         target = ledger.rel(y, g)
         g = self._propagate(cache, w, self.rules, module, layer, g, ledger, use_maps, self.maps_budget)
+        return g, ledger, target, act_sum, act_max, act_mean
+
+    @torch.no_grad()
+    def _relevance_chunk(self, cache: ForwardCache, module: str, layer: int, features: list[int],
+                         qsel: np.ndarray, use_maps: bool = False) -> RelevanceResult:
+        acc = self._acc
+        valid = ~cache.mask
+        r = qsel.shape[1]
+        g, ledger, target, act_sum, act_max, act_mean = self._carrier(cache, module, layer, features, qsel,
+                                                                      use_maps)
         x0 = cache.tokens.to(acc)
         g = g.to(acc)
         token = token_dot(g, x0).transpose(1, 2)                              # [B,N,T]
@@ -388,6 +427,26 @@ class LrpEngine:
         from .concepts import detection_relevance
 
         return detection_relevance(self, cache, dets, layers)
+
+    @torch.no_grad()
+    def detection_token_relevance(self, cache: ForwardCache, dets: DetectionSet) -> Tensor:
+        """Relevance at the transformer input per token and channel for each detection of ``dets``
+        (started at its class logit as :meth:`detection_relevance`): ``R [B, M, T, d] = g * tokens``
+        (padding and padding slots zero; summed over ``d`` it is the detections' token maps)."""
+        from .detections import logit_start
+        from .propagate import propagate_from
+
+        cache = cache.to(self.device)
+        acc = self._acc
+        head = self.parts.class_embed
+        ledger = Ledger(acc)
+        g, _ = logit_start(cache, self.rules, dets, head.weight.detach(), head.bias.detach(), self._norm_acc,
+                           self._gdtype, ledger)
+        use_maps = bool(self.config.ffn_maps and dets.width >= self.maps_min_targets)
+        g = propagate_from(cache, self.weights, self.rules, "decoder", len(self.weights.decoder) - 1, g, None,
+                           ledger, None, use_maps, self.maps_budget)
+        x0 = cache.tokens.to(acc) * (~cache.mask)[..., None].to(acc)
+        return (g.to(acc) * x0[:, :, None, :]).transpose(1, 2)
 
     def conditional_maps(self, cache: ForwardCache, rel: DetectionRelevance, module: str, layer: int,
                          channels: np.ndarray) -> ConditionalMaps:

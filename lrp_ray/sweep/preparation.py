@@ -205,7 +205,7 @@ def prepare(spec: SweepSpec, log_fn: Callable[[str], None] = print) -> Prepared:
     else:
         features, queries = [], None
     detections = _detection_request(spec, parts) if spec.detection_targets else None
-    pixels = _pixel_request(spec) if spec.pixels else None
+    pixels = _pixel_request(spec, model) if spec.pixels else None
     state = {k: v.detach().cpu().contiguous().numpy() for k, v in model.state_dict().items()}
     cfg = model.cfg
     numerics = _numerics(model, spec)
@@ -303,20 +303,24 @@ def _detection_request(spec: SweepSpec, parts: Any) -> dict[str, Any]:
             "faithfulness": bool(spec.faithfulness)}
 
 
-def _pixel_request(spec: SweepSpec) -> dict[str, Any]:
-    """Pixel maps as part of the result spec: how many reference rows per feature, the composite's
-    identity (name, parameters, zennit version) and the map size."""
-    from lrp_ray.pixels import resolve_composite
+def _pixel_request(spec: SweepSpec, model: Any) -> dict[str, Any]:
+    """Pixel maps as part of the result spec: how many reference rows per feature, the backbone
+    propagator's identity (composite, its parameters, zennit version, dtype, chunk budget, path) and the
+    map size."""
+    from lrp_ray.lrp import EngineConfig, LrpEngine
+    from lrp_ray.pixels import propagator_for, resolve_composite
     from lrp_ray.queries import top_k
 
     if not spec.feature_targets:
         raise BadRequest("pixels: pixel maps are computed for feature targets (--target features or both)")
     try:
-        composite = resolve_composite(spec.pixel_composite)
+        resolve_composite(spec.pixel_composite)
+        engine = LrpEngine(model, EngineConfig(rules=spec.rules, epsilon=spec.epsilon,
+                                               precision=spec.precision, device="cpu"))
+        identity = propagator_for(engine, spec.pixel_composite).identity()
     except ValueError as exc:
         raise BadRequest(f"pixel_composite: {one_line(exc, 300)}") from None
-    return {"top": int(top_k(spec.pixels)), "composite": composite.identity(),
-            "max_side": int(spec.pixel_max_side)}
+    return {"top": int(top_k(spec.pixels)), "composite": identity, "max_side": int(spec.pixel_max_side)}
 
 
 def _detection_datasets(detections: dict[str, Any] | None) -> tuple[str, ...]:

@@ -1,7 +1,9 @@
-"""Relevance heatmaps: token relevance maps overlaid on their images (PNG, matplotlib Agg).
+"""Relevance heatmaps: token or pixel relevance maps overlaid on their images (PNG, matplotlib Agg).
 
-- :func:`overlay_png` draws one overlay: the image, the token map upsampled to the image (bilinear), a
-  diverging colormap centred at zero with symmetric limits, a colour bar and a title.
+- :func:`overlay_png` draws one overlay: the image, the token map upsampled to the image (bilinear) or a
+  pixel map (``kind="pixel"``, :mod:`lrp_ray.pixels`: on the image grid, block-summed, drawn as is), a
+  diverging colormap centred at zero with symmetric limits, a colour bar labelled with the kind of map
+  ("token relevance" / "pixel relevance") and a title.
 - :func:`write_top_heatmaps` writes, for every (module, layer, feature) of a results folder, the overlays
   of the top-N images by activation and by relevance -- at most ``2 * top_n`` PNGs per feature, never one
   per map.
@@ -31,9 +33,12 @@ from lrp_ray.results import atomic_path, image_path  # noqa: E402
 log = logging.getLogger(__name__)
 
 __all__ = ["overlay_png", "overlay_figure", "render_overlay", "figure_png", "write_top_heatmaps",
-           "select_top_rows", "heatmap_name", "token_extent", "TopRow", "CMAP"]
+           "select_top_rows", "heatmap_name", "token_extent", "pixel_extent", "TopRow", "CMAP", "MAP_KINDS"]
 
 CMAP = "RdBu_r"
+MAP_KINDS = {"token": "token relevance", "pixel": "pixel relevance"}
+PIXEL_PERCENTILE = 99.5
+"""Pixel maps: colour limits at this percentile of |map| (LRP pixel maps have a few extreme pixels)."""
 DEFAULT_WIDTH_PX = 560
 DPI = 100
 
@@ -81,11 +86,26 @@ def _layout(image_hw: tuple[int, int], width_px: int) -> tuple[float, float, lis
     return fig_w, fig_h, ax_rect, cb_rect
 
 
+def pixel_extent(image_hw: tuple[int, int], map_hw: tuple[int, int]) -> tuple[float, float]:
+    """Height and width, in original-image pixels, covered by a pixel map of ``map_hw`` cells: each cell
+    sums an ``f x f`` block (``f`` the block side of :func:`lrp_ray.pixels.maps.block_factor`), so the
+    last row/column may reach past the image."""
+    h, w = image_hw
+    ph, pw = max(int(map_hw[0]), 1), max(int(map_hw[1]), 1)
+    f = max(math.ceil(h / ph), math.ceil(w / pw), 1)
+    if math.ceil(h / f) != ph or math.ceil(w / f) != pw:  # not a block sum of this image: stretch it
+        return float(h), float(w)
+    return float(ph * f), float(pw * f)
+
+
 def overlay_figure(image_rgb: np.ndarray, token_map, title: str = "", *,
                    grid_hw: tuple[int, int] | None = None,
                    input_hw: tuple[int, int] | None = None, stride: int | None = None, alpha: float = 0.6,
-                   width_px: int = DEFAULT_WIDTH_PX, cmap: str = CMAP, boxes: Sequence[Sequence[float]] = ()):
+                   width_px: int = DEFAULT_WIDTH_PX, cmap: str = CMAP, boxes: Sequence[Sequence[float]] = (),
+                   kind: str = "token"):
     """A matplotlib Figure with the overlay (caller closes it). See :func:`overlay_png`."""
+    if kind not in MAP_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(MAP_KINDS)}, got {kind!r}")
     img = np.asarray(image_rgb)
     if img.ndim == 2:
         img = np.repeat(img[:, :, None], 3, axis=2)
@@ -93,8 +113,13 @@ def overlay_figure(image_rgb: np.ndarray, token_map, title: str = "", *,
         raise ValueError(f"image must be HxWx3 RGB, got shape {img.shape}")
     h, w = img.shape[:2]
     m = _as_map(token_map, grid_hw)
-    ext_h, ext_w = token_extent((h, w), m.shape, input_hw, stride)
-    lim = float(np.max(np.abs(m))) if m.size else 0.0
+    if kind == "pixel":
+        ext_h, ext_w = pixel_extent((h, w), m.shape)
+        lim = float(np.percentile(np.abs(m), PIXEL_PERCENTILE)) if m.size else 0.0
+        lim = lim if lim > 0 else (float(np.max(np.abs(m))) if m.size else 0.0)
+    else:
+        ext_h, ext_w = token_extent((h, w), m.shape, input_hw, stride)
+        lim = float(np.max(np.abs(m))) if m.size else 0.0
     lim = lim if lim > 0 and math.isfinite(lim) else 1.0
     fig_w, fig_h, ax_rect, cb_rect = _layout((h, w), width_px)
     fig = plt.figure(figsize=(fig_w, fig_h), dpi=DPI)
@@ -102,8 +127,8 @@ def overlay_figure(image_rgb: np.ndarray, token_map, title: str = "", *,
     ax.imshow(img, extent=(0, w, h, 0), interpolation="bilinear")
     # Gray the image slightly so that the colours of the map dominate.
     ax.imshow(np.full((1, 1, 3), 0.5), extent=(0, w, h, 0), alpha=0.25)
-    ax.imshow(m, cmap=cmap, vmin=-lim, vmax=lim, alpha=alpha, interpolation="bilinear",
-                   extent=(0, ext_w, ext_h, 0))
+    ax.imshow(m, cmap=cmap, vmin=-lim, vmax=lim, alpha=alpha,
+              interpolation="bilinear" if kind == "token" else "antialiased", extent=(0, ext_w, ext_h, 0))
     for b in boxes:
         x0, y0, x1, y1 = (float(v) for v in b[:4])
         ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.5, ec="black", ls="--"))
@@ -115,6 +140,7 @@ def overlay_figure(image_rgb: np.ndarray, token_map, title: str = "", *,
     # Colour bar from an opaque mappable: the scale shows the colormap itself, not the blend.
     cb = fig.colorbar(ScalarMappable(norm=Normalize(vmin=-lim, vmax=lim), cmap=cmap), cax=cax)
     cb.ax.tick_params(labelsize=7)
+    cb.set_label(MAP_KINDS[kind], fontsize=7)
     cb.formatter.set_powerlimits((-2, 3))
     cb.update_ticks()
     fig.text(0.03, 1 - 0.08 / fig_h, title, ha="left", va="top", fontsize=9, wrap=True)
@@ -153,7 +179,10 @@ def overlay_png(image_rgb: np.ndarray, token_map, path: str | Path, title: str =
     diverging (``RdBu_r``: red positive, blue negative) with symmetric limits ``+-max|map|`` so that white
     is exactly zero; a colour bar shows the scale and ``title`` goes on top. Optional keywords:
     ``input_hw``/``stride`` (exact token footprint), ``alpha``, ``width_px`` (PNG width, default 560),
-    ``boxes`` (xyxy boxes drawn dashed).
+    ``boxes`` (xyxy boxes drawn dashed), ``kind`` ("token", the default, or "pixel": ``token_map`` is then
+    a pixel map on the image grid reduced by block sums (:mod:`lrp_ray.pixels`), drawn without smoothing
+    over the blocks it sums, colour limits at the 99.5th percentile of ``|map|``); the colour bar says
+    which kind the picture shows.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -186,6 +215,8 @@ class TopRow:
     row: int = -1       # unused (rows are found by key)
     input_hw: tuple[int, int] | None = None
     stride: int | None = None
+    pixel_map: np.ndarray | None = None
+    """The row's pixel map (:mod:`lrp_ray.pixels`) where the results folder has one."""
 
 
 def heatmap_name(module: str, layer: int, feature: int, kind: str, rank: int) -> str:
@@ -285,6 +316,17 @@ def _load_maps(files: Sequence[Path], rows: list[TopRow]) -> None:
             r.token_map = np.asarray(maps[(r.image, r.feature, r.query)], dtype=np.float32).reshape(r.grid_hw)
 
 
+def _load_pixel_maps(out_dir: Path, rows: list[TopRow]) -> None:
+    """Set ``pixel_map`` of the rows that have one in ``out_dir/pixels`` (:mod:`lrp_ray.results.pixels`)."""
+    from lrp_ray.results.pixels import pixel_files, read_pixel_maps
+
+    if not rows or not pixel_files(out_dir):
+        return
+    maps = read_pixel_maps(out_dir, {(r.module, r.layer, r.feature, r.image, r.query) for r in rows})
+    for r in rows:
+        r.pixel_map = maps.get((r.module, r.layer, r.feature, r.image, r.query))
+
+
 def _read_rgb(path: Path) -> np.ndarray | None:
     try:
         from lrp_ray.models import read_image
@@ -332,7 +374,9 @@ def write_top_heatmaps(out_dir: str | Path, images_root: str | Path | None = Non
     whatever the number of images. Tokens are placed exactly with each row's ``input_h``/``input_w`` and
     ``stride``; rows without them (older outputs) use ``input_size=(min_size_test, max_size_test)`` and
     ``stride``, else the manifest's model config, else the grid is stretched over the image. Images that
-    cannot be read are skipped with a warning. Returns the written paths.
+    cannot be read are skipped with a warning. Rows with a pixel map in ``out_dir/pixels``
+    (:mod:`lrp_ray.results.pixels`) are drawn from it (colour bar "pixel relevance"), the others from
+    their token map ("token relevance"). Returns the written paths.
     """
     from lrp_ray.models.preprocess import resize_shape
     from lrp_ray.results import part_files, read_manifest
@@ -350,6 +394,7 @@ def write_top_heatmaps(out_dir: str | Path, images_root: str | Path | None = Non
     if (input_size is None or not stride) and manifest is not None:
         input_size, stride = manifest.input_geometry()
     rows = select_top_rows(out_dir, top_n, modules=modules, max_features=max_features)
+    _load_pixel_maps(out_dir, rows)
     dest = out_dir / "heatmaps"
     dest.mkdir(parents=True, exist_ok=True)
     cache: dict[str, np.ndarray | None] = {}
@@ -372,8 +417,11 @@ def write_top_heatmaps(out_dir: str | Path, images_root: str | Path | None = Non
         if (input_hw is None or step is None) and input_size is not None and stride:
             input_hw, step = resize_shape(img.shape[0], img.shape[1], int(input_size[0]),
                                           int(input_size[1])), stride
-        data = render_overlay(img, r.token_map, group_title(rs), input_hw=input_hw, stride=step,
-                              width_px=width_px)
+        if r.pixel_map is not None:
+            data = render_overlay(img, r.pixel_map, group_title(rs), width_px=width_px, kind="pixel")
+        else:
+            data = render_overlay(img, r.token_map, group_title(rs), input_hw=input_hw, stride=step,
+                                  width_px=width_px)
         for x in rs:
             path = dest / _safe(heatmap_name(x.module, x.layer, x.feature, x.kind, x.rank))
             with atomic_path(path) as tmp:
