@@ -217,3 +217,19 @@ def test_a_feature_request_hashes_as_before_detection_targets_and_pixels(tmp_pat
         other.release()
     finally:
         prep.release()
+
+
+def test_parts_of_another_request_are_never_read(swept, tmp_path):
+    """A part with another request's digest in a detection dataset (left behind, copied in) is ignored."""
+    import shutil
+
+    out = tmp_path / "OUT"
+    shutil.copytree(swept[0], out)
+    loaders = (("concepts", load_concepts), ("detections", load_detections),
+               ("concept_maps", load_concept_maps))
+    before = {name: len(fn(out)) for name, fn in loaders}
+    for name in before:
+        part = sorted((out / name).glob("part-*.parquet"))[0]
+        shutil.copy(part, part.with_name(part.name.rsplit("-", 1)[0] + "-ffffffffffffffff.parquet"))
+    after = {name: len(fn(out)) for name, fn in loaders}
+    assert after == before

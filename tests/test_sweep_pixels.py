@@ -154,3 +154,16 @@ def test_the_atlas_shows_pixel_maps_where_they_exist_and_says_so(swept, tmp_path
         for src in re.findall(r'src="\.\./(img/[^"]+)"', page):
             assert (out / "atlas" / src).is_file(), src
     assert n_pixel_captions >= len(px)  # each pixel-mapped reference row is shown as one
+
+
+def test_pixel_parts_of_another_request_are_never_read(swept, tmp_path):
+    import shutil
+
+    from lrp_ray.results.pixels import pixel_files, read_pixel_maps
+
+    out = tmp_path / "OUT"
+    shutil.copytree(swept[0], out)
+    n_files, n_maps = len(pixel_files(out)), len(read_pixel_maps(out))
+    part = sorted((out / "pixels").glob("part-*.parquet"))[0]
+    shutil.copy(part, part.with_name(part.name.rsplit("-", 1)[0] + "-ffffffffffffffff.parquet"))
+    assert (len(pixel_files(out)), len(read_pixel_maps(out))) == (n_files, n_maps)

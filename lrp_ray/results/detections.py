@@ -321,13 +321,14 @@ def concepts_by_class(frames: Iterable[pd.DataFrame], top_k: int) -> pd.DataFram
 
 # ------------------------------------------------------------------------------------------ reading
 def detection_dataset_files(out: str | Path, name: str) -> list[Path]:
-    """The part files of dataset ``name`` of the request in OUT (by the manifest's digest), sorted."""
-    from .dataset import _request_tag
+    """The part files of flat dataset ``name`` (``detections``, ``concepts``, ``pixels``, ...) of the
+    request in OUT (by the manifest's digest), sorted."""
+    from .dataset import DATASET_NAME, _request_tag
 
     root = Path(out) / name
     if not root.is_dir():
         return []
-    tag = _request_tag(Path(out))
+    tag = _request_tag(Path(out) / DATASET_NAME)  # the request of OUT's manifest
     pattern = f"part-*-{tag}.parquet" if tag else "part-*.parquet"
     return sorted(p for p in root.glob(pattern) if p.is_file())
 

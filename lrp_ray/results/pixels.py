@@ -53,9 +53,11 @@ def pixel_table(pm: Any, module: str, layer: int, image_names: Sequence[str]) ->
 
 
 def pixel_files(out: str | Path) -> list[Path]:
-    """The Parquet files under ``OUT/pixels`` (sorted; empty when there are none)."""
-    root = Path(out) / PIXELS_DIR
-    return sorted(root.rglob("*.parquet")) if root.is_dir() else []
+    """The part files of ``OUT/pixels`` of the request in the manifest (by its digest, as for every
+    dataset of a sweep; sorted; empty when there are none)."""
+    from .detections import detection_dataset_files
+
+    return detection_dataset_files(out, PIXELS_DIR)
 
 
 def read_pixel_maps(out: str | Path, keys: Iterable[MapKey] | None = None) -> dict[MapKey, np.ndarray]:
