@@ -411,7 +411,10 @@ def _render_heatmaps(prep: Prepared, log_fn: Callable[[str], None]) -> dict:
         log_fn(f"--heatmaps: rendering failed: {one_line(exc)}")
         seconds = round(time.perf_counter() - t0, 3)
         return {"dir": where, "files": 0, "error": one_line(exc), "seconds": seconds}
-    log_fn(f"heatmaps: {len(written)} images in {where}")
+    note = "" if prep.spec.feature_targets else (
+        " (heatmap PNGs are drawn for feature targets; the detections' maps are in the atlas: "
+        "python -m lrp_ray.report)")
+    log_fn(f"heatmaps: {len(written)} images in {where}{note}")
     return {"dir": where, "files": len(written), "seconds": round(time.perf_counter() - t0, 3)}
 
 
