@@ -252,8 +252,8 @@ def explain_detections(model: Any, images: str | Path | Sequence[str | Path | np
     and rows carry ``class_name``; bad selections raise ValueError. ``layers``: None (every layer
     of ``module``), ints (for each module) or ``{"encoder": [...], "decoder": [...]}``. Images with no
     detection passing the selection are listed in ``no_detections``; unreadable ones in ``errors``.
-    ``pixels=True`` adds :data:`PIXEL_COLUMNS` to the detection rows: each detection's map continued
-    through the backbone to the image (as :func:`explain`).
+    ``pixels=True`` adds :data:`PIXEL_COLUMNS` to the detection rows and to the conditional heatmaps'
+    rows: each map continued through the backbone to the image (as :func:`explain`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -272,24 +272,32 @@ def explain_detections(model: Any, images: str | Path | Sequence[str | Path | np
         from .pixels import resolve_composite
 
         resolve_composite(composite)
-    tables, empty, pixel_parts = [], [], []
+    tables, empty, pixel_parts, map_parts = [], [], [], []
     for i in range(0, len(arrays), batch_size):
         names = ids[i:i + batch_size]
         batch = preprocess(list(arrays[i:i + batch_size]), cfg)
         cache = engine.forward(batch)
-        out = explain_batch(engine, cache, detections, want, int(top_concepts))
+        out = explain_batch(engine, cache, detections, want, int(top_concepts), keep_tokens=pixels)
         tables.append(detection_tables(out, names, batch.image_sizes, cfg, class_names, batch.input_sizes))
         if pixels and out.relevance is not None:
-            from .pixels import detection_pixel_maps
+            from .pixels import detection_pixel_maps, pixel_maps_from_tokens
 
             pm = detection_pixel_maps(engine, cache, batch, out.dets, composite, pixel_max_side)
             pixel_parts.append(_pixel_columns(pm, out.dets.items()))
+            for _, cond in sorted(out.conditional.items()):  # the order of the heatmaps rows
+                k = cond.channels.shape[-1]
+                valid = np.repeat(out.dets.valid, k, axis=1)
+                cm = pixel_maps_from_tokens(engine, cache, batch, cond.token_relevance, composite,
+                                            pixel_max_side, valid=valid)
+                cond.token_relevance = None
+                slots = [(b, m * k + j) for b, m in out.dets.items() for j in range(k)]
+                map_parts.append(_pixel_columns(cm, slots))
         empty += [names[b] for b in out.dets.no_detections]
     frames = tables_to_frames(tables)
     if pixels:
-        det = frames["detections"]
-        for k in PIXEL_COLUMNS:
-            det[k] = [v for part in pixel_parts for v in part[k]]
+        for frame, parts in ((frames["detections"], pixel_parts), (frames["concept_maps"], map_parts)):
+            for k in PIXEL_COLUMNS:
+                frame[k] = [v for part in parts for v in part[k]]
     return DetectionExplanation(
         detections=frames["detections"], concepts=frames["concepts"], heatmaps=frames["concept_maps"],
         no_detections=empty, errors=errors,

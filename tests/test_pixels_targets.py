@@ -177,3 +177,20 @@ def test_explain_detections_pixels(demo, images):
         assert (row.pixel_h, row.pixel_w) == reduced_shape(row.image_h, row.image_w, 48)
         assert len(row.pixel_map) == row.pixel_h * row.pixel_w
         assert row.pixel_composite == "EpsilonAlpha2Beta1Flat"
+
+
+def test_conditional_pixel_maps_of_all_channels_add_up_to_the_detections_pixel_map(demo, images):
+    """LRP is linear in its start and the backbone rules are linear in the upstream relevance: at an
+    encoder layer the pixel maps conditioned on each of the d channels sum to the detection's pixel map."""
+    d = int(engine_for(demo, device="cpu").weights.hidden_dim)
+    out = explain_detections(demo, images[:2], detections="top1", module="encoder", layers=[2],
+                             top_concepts=d, device="cpu", pixels=True, pixel_max_side=48)
+    maps = out.heatmaps
+    assert len(maps) == len(out.detections) * d and set(PIXEL_COLUMNS) <= set(maps.columns)
+    for det in out.detections.itertuples():
+        rows = maps[(maps.image == det.image) & (maps["query"] == det.query)]
+        assert sorted(rows.feature) == list(range(d))
+        total = np.sum(np.stack([np.asarray(m, np.float64) for m in rows.pixel_map]), axis=0)
+        want = np.asarray(det.pixel_map, np.float64)
+        np.testing.assert_allclose(total, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+        assert not np.allclose(np.asarray(rows.pixel_map.iloc[0], np.float64), want)  # one channel is not all

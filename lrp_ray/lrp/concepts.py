@@ -77,6 +77,9 @@ class ConditionalMaps:
     bias_relevance: np.ndarray       # [B, M, K] absorbed below the layer
     pos_relevance: np.ndarray        # [B, M, K]
     softmax_relevance: np.ndarray    # [B, M, K]
+    token_relevance: Tensor | None = field(default=None, repr=False)
+    """With ``keep_tokens``: ``R [B, M*K, T, d] = g * tokens`` at the transformer input (summed over ``d``
+    it is ``token_maps``): the upstream relevance of the maps' pixel versions (:mod:`lrp_ray.pixels`)."""
 
 
 def _head(engine: LrpEngine) -> tuple[Tensor, Tensor]:
@@ -156,9 +159,10 @@ def detection_relevance(engine: LrpEngine, cache: ForwardCache, dets: DetectionS
 
 @torch.no_grad()
 def conditional_maps(engine: LrpEngine, cache: ForwardCache, rel: DetectionRelevance, module: str, layer: int,
-                     channels: np.ndarray) -> ConditionalMaps:
+                     channels: np.ndarray, keep_tokens: bool = False) -> ConditionalMaps:
     """Token maps conditioned on ``channels`` [B, M, K] at ``module`` layer ``layer`` (a layer tapped by
-    :func:`detection_relevance`), all in one pass of ``M * K`` targets per image."""
+    :func:`detection_relevance`), all in one pass of ``M * K`` targets per image; ``keep_tokens`` also
+    keeps the relevance per token and channel (``token_relevance``)."""
     if (module, layer) not in rel.taps:
         raise ValueError(f"{module} layer {layer} was not requested from detection_relevance")
     channels = np.asarray(channels, dtype=np.int64)
@@ -202,6 +206,10 @@ def conditional_maps(engine: LrpEngine, cache: ForwardCache, rel: DetectionRelev
     g = propagate_from(cache, w, rules, module, layer, g, g_mem, ledger, None, _use_maps(engine, n),
                        engine.maps_budget)
     maps = _token_maps(cache, g, acc)
+    tokens = None
+    if keep_tokens:
+        x0 = cache.tokens.to(acc) * (~cache.mask)[..., None].to(acc)
+        tokens = (g.to(acc) * x0[:, :, None, :]).transpose(1, 2)
     gh, gw = maps.shape[-2:]
     shape = (b, m, k)
     r = lambda v: _np(v, target).reshape(shape)
@@ -209,7 +217,7 @@ def conditional_maps(engine: LrpEngine, cache: ForwardCache, rel: DetectionRelev
         module=module, layer=int(layer), channels=channels,
         token_maps=_np(maps, maps).reshape(b, m, k, gh, gw),
         target_relevance=r(target), input_relevance=r(maps.sum((-1, -2))), bias_relevance=r(ledger.bias),
-        pos_relevance=r(ledger.pos), softmax_relevance=r(ledger.softmax))
+        pos_relevance=r(ledger.pos), softmax_relevance=r(ledger.softmax), token_relevance=tokens)
 
 
 def top_channels(rel: DetectionRelevance, module: str, layer: int, k: int) -> np.ndarray:
@@ -232,10 +240,11 @@ class DetectionBatch:
 
 @torch.no_grad()
 def explain_batch(engine: LrpEngine, cache: ForwardCache, selection: Sequence[tuple[int, int]] | str,
-                  layers: Mapping[str, Sequence[int]], top_concepts: int) -> DetectionBatch:
+                  layers: Mapping[str, Sequence[int]], top_concepts: int,
+                  keep_tokens: bool = False) -> DetectionBatch:
     """Select detections on ``cache`` (see :func:`select_detections`), propagate them once with the
     concepts at ``layers``, and compute the ``top_concepts`` conditional maps of every tapped layer (one
-    vectorised pass per layer)."""
+    vectorised pass per layer; ``keep_tokens``: with their relevance per token and channel)."""
     from .detections import select_detections
 
     dets = select_detections(cache, selection)
@@ -246,5 +255,6 @@ def explain_batch(engine: LrpEngine, cache: ForwardCache, selection: Sequence[tu
     if int(top_concepts) > 0:
         for module, layer in sorted(rel.concepts):
             chans = top_channels(rel, module, layer, int(top_concepts))
-            out.conditional[(module, layer)] = conditional_maps(engine, cache, rel, module, layer, chans)
+            out.conditional[(module, layer)] = conditional_maps(engine, cache, rel, module, layer, chans,
+                                                                keep_tokens)
     return out
