@@ -399,3 +399,30 @@ def test_missing_images_are_drawn_on_gray_with_a_banner(tmp_path):
         with Image.open(pic) as im:
             sizes.add(im.size)
     assert (144, 144) in sizes  # crops; the gallery (a one-feature sweep) has whole-image overlays too
+
+
+def test_pictures_drawn_on_gray_are_drawn_again_once_the_images_are_back(tmp_path):
+    out = tmp_path / "OUT"
+    write_fake_results(out, n_images=3, features=(0,), layers=(("encoder", 0),))
+    shutil.move(out / "images", tmp_path / "moved")
+    build_report(out, top=2, workers=1)
+    pics = sorted((out / "atlas" / "img").rglob("*.webp"))
+    gray = {p: p.read_bytes() for p in pics}
+    shutil.move(tmp_path / "moved", out / "images")
+    build_report(out, top=2, workers=1)
+    assert "image files not found" not in (out / "atlas" / "index.html").read_text()
+    assert all(p.read_bytes() != b for p, b in gray.items() if p.is_file())  # redrawn from the images
+
+
+def test_links_to_the_run_page_are_urls(tmp_path):
+    out = tmp_path / "OUT"
+    write_fake_results(out, n_images=2, features=(0,), layers=(("encoder", 0),))
+    run = out / "sub #x?" / "r%20.html"
+    run.parent.mkdir()
+    build_report(out, run, top=1, workers=1)
+    page = next((out / "atlas" / "features").glob("*.html")).read_text()
+    hrefs = [h for h in re.findall(r'href="([^"]+)"', page) if "r%2520.html" in h or "r%20.html" in h]
+    assert hrefs
+    for h in hrefs:
+        target = (out / "atlas" / "features" / unquote(urlsplit(h).path)).resolve()
+        assert target == run.resolve()

@@ -180,7 +180,7 @@ def test_a_class_names_file_with_a_byte_order_mark_reads_as_text(tmp_path):
 def test_options_without_their_target_are_refused(kw):
     from lrp_ray.sweep.spec import merge_flags
 
-    with pytest.raises(BadRequest, match="apply to"):
+    with pytest.raises(BadRequest, match="only for"):
         merge_flags({}, {"features": "0", **kw})
 
 

@@ -35,6 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-atlas", action="store_true", help="only the run page")
     ap.add_argument("--force", action="store_true", help="redraw every picture of the atlas")
     args = ap.parse_args(argv)
+    if args.max_features < 0:
+        ap.error("--max-features must be >= 0 (0 = all)")
     if args.top < 0:
         ap.error("--top must be >= 0")
     t0 = time.time()

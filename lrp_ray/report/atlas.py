@@ -133,9 +133,14 @@ def build_atlas(out_dir: str | Path, images_root: str | Path | None = None, *, t
     for p in (atlas / "features").glob("*.html") if (atlas / "features").is_dir() else []:
         if p.stem not in slugs:
             p.unlink()
+    files = {p for f in features for p in f.files()}
     for d in (atlas / "img").iterdir() if (atlas / "img").is_dir() else []:
         if d.is_dir() and d.name not in slugs:
             shutil.rmtree(d, ignore_errors=True)
+        elif d.is_dir():  # pictures this feature no longer shows
+            for p in d.iterdir():
+                if p.is_file() and f"img/{d.name}/{p.name}" not in files:
+                    p.unlink()
     copy_static(atlas / "static")
     title = folder.out.resolve().name
     n_images = folder.scan.rows["image"].nunique() if len(folder.scan.rows) else 0
@@ -162,7 +167,10 @@ def build_atlas(out_dir: str | Path, images_root: str | Path | None = None, *, t
                                                                             for f in features}),
                   n_images=n_images, run_page=run_page)
     result.pages_written += write_if_changed(result.index, html)
-    state_out = {f.slug: f.signature for f in features if all((atlas / p).is_file() for p in f.files())}
+    # a feature drawn on a gray canvas (its image unreadable) is drawn again once the image is back
+    gray = set(folder.missing_images) | (done.missing_images if todo else set())
+    state_out = {f.slug: f.signature for f in features if all((atlas / p).is_file() for p in f.files())
+                 and not any(j.image in gray for _, j in f.jobs)}
     atomic_write_text(state_path, json.dumps({"version": 1, "features": state_out}, indent=0) + "\n")
     result.problems = problems
     result.seconds = time.perf_counter() - t0

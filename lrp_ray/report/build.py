@@ -16,6 +16,7 @@ import math
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 
@@ -211,9 +212,9 @@ def build_report(out_dir: str | Path, html_path: str | Path | None = None, top: 
     atlas_prefix = ""
     if atlas:
         rel = os.path.relpath(out / ATLAS_DIR, html_path.parent)
-        run_page = os.path.relpath(html_path, out / ATLAS_DIR).replace(os.sep, "/")
+        run_page = quote(os.path.relpath(html_path, out / ATLAS_DIR).replace(os.sep, "/"))  # a URL
         atlas_res = build_atlas(out, folder=folder, top=top, workers=workers, force=force, run_page=run_page)
-        atlas_prefix = rel.replace(os.sep, "/") + "/"
+        atlas_prefix = quote(rel.replace(os.sep, "/")) + "/"
     cons_rows, rel_err = _conservation_rows(folder)
     layers = _layers(folder, atlas_res, max_features)
     m = folder.manifest

@@ -233,7 +233,7 @@ def _add_ref(f: Feature, r: Any, target: list[Ref], label: str, mode: str, geome
         path, ph, pw = px
         image = str(r.image)
         job = MapJob(key=(image, f.feature, q), dest=image_file(f.slug, "pixel", image, q, mode), image=image,
-                     image_hw=_image_hw(r), grid_hw=(ph, pw), mode=mode)
+                     image_hw=_image_hw(r), grid_hw=(ph, pw), mode=mode, kind="pixel")
         f.jobs.append((("pixels", path), job))
         kind = "pixel map"
     target.append(Ref(image=str(r.image), query=q, score=float(r.score), label=label, src=job.dest,
@@ -401,9 +401,9 @@ def _from_detections(rows: pd.DataFrame, det: Detections, features: dict[tuple, 
     # The feature's own rows, to draw a detection's image when no conditional map was stored.
     own: dict[tuple, Any] = {}
     if len(rows):
-        best = _best_per_image(rows, "act_mean")
-        for r in best.itertuples(index=False):
-            own[(str(r.module), int(r.layer), int(r.feature), str(r.image))] = r
+        for r in rows.itertuples(index=False):  # keyed with the query: a decoder row is one query's map
+            own.setdefault((str(r.module), int(r.layer), int(r.feature), str(r.image),
+                            _opt(getattr(r, "query", None))), r)
     c = conc[np.isfinite(conc["relevance"].to_numpy(np.float64))]
     c = c.sort_values([*KEY, "relevance", "image", "query"], ascending=[True, True, True, False, True, True],
                       kind="stable")
@@ -432,8 +432,8 @@ def _from_detections(rows: pd.DataFrame, det: Detections, features: dict[tuple, 
                              input_hw=_pair(d.input_h, d.input_w), stride=_opt(d.stride), box=box)
                 f.jobs.append(((f.module, f.layer), job))
                 ref.src = job.dest
-            elif (f.module, f.layer, f.feature, image) in own:
-                rr = own[(f.module, f.layer, f.feature, image)]
+            elif (f.module, f.layer, f.feature, image, query if f.module == "decoder" else None) in own:
+                rr = own[(f.module, f.layer, f.feature, image, query if f.module == "decoder" else None)]
                 job = _row_job(f, rr, "crop", geometry)
                 job.box = box
                 job.dest = image_file(f.slug, "rowbox", image, query, cid)

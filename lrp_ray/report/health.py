@@ -107,7 +107,10 @@ def check(rows: pd.DataFrame, manifest: Manifest | None, manifest_error: str | N
                   "of each is used", [f"{r.module} layer {r.layer} feature {r.feature}: {r.image}"
                                       + ("" if pd.isna(r.query) else f" query {r.query}")
                                       for r in d.itertuples(index=False)], level="error")
-        n_images = rows["image"].nunique()
+        planned = (manifest.result_spec or {}).get("images") if manifest is not None else None
+        failed = {e[0] for e in errors}
+        n_images = (len([i for i in planned if str(i[0]) not in failed]) if isinstance(planned, list)
+                    else rows["image"].nunique())  # the run's usable images, known from its start
         per = rows.drop_duplicates(["module", "layer", "feature", "image"]).groupby(
             ["module", "layer", "feature"], observed=True).size()
         short = per[per < n_images]

@@ -45,6 +45,7 @@ class MapJob:
     stride: int | None = None
     mode: str = "crop"                  # "crop" | "full"
     box: tuple[float, float, float, float] | None = None  # xyxy in original pixels (a detection)
+    kind: str = "token"                 # "token" (one value per token) | "pixel" (a block-summed pixel map)
 
 
 @dataclass
@@ -88,6 +89,10 @@ def _extent(job: MapJob) -> tuple[float, float]:
     """Original-image pixels covered by the token grid (see ``lrp_ray.viz.heatmaps.token_extent``)."""
     h, w = job.image_hw
     gh, gw = job.grid_hw
+    if job.kind == "pixel":  # blocks of f x f original pixels; the last ones may reach past the image
+        from lrp_ray.viz.heatmaps import pixel_extent
+
+        return pixel_extent((h, w), (gh, gw))
     if job.input_hw is None or not job.stride:
         return float(h), float(w)
     ih, iw = job.input_hw

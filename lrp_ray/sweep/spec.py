@@ -119,11 +119,11 @@ class ResultRequest(BaseModel):
         given = self.model_fields_set
         det = sorted(given & {"detections", "top_concepts", "class_names", "faithfulness"})
         if det and not self.detection_targets:
-            raise ValueError(f"{', '.join(det)} apply to detection targets: add target: detections or both "
-                             "(--target)")
+            raise ValueError(f"{', '.join(det)}: only for detection targets; add target: detections or "
+                             "both (--target)")
         px = sorted(given & {"pixel_composite", "pixel_max_side"})
         if px and self.pixels is None:
-            raise ValueError(f"{', '.join(px)} apply to pixel maps: add pixels: topN (--pixels)")
+            raise ValueError(f"{', '.join(px)}: only for pixel maps; add pixels: topN (--pixels)")
         return self
 
     @field_validator("detections", mode="before")
