@@ -167,3 +167,23 @@ def test_pixel_parts_of_another_request_are_never_read(swept, tmp_path):
     part = sorted((out / "pixels").glob("part-*.parquet"))[0]
     shutil.copy(part, part.with_name(part.name.rsplit("-", 1)[0] + "-ffffffffffffffff.parquet"))
     assert (len(pixel_files(out)), len(read_pixel_maps(out))) == (n_files, n_maps)
+
+
+def test_the_reports_commands_are_requests_the_cli_accepts(swept):
+    """The atlas prints the run's command and one per feature: both parse as the same request (the
+    per-feature one narrowed, into its own folder)."""
+    import shlex
+
+    from lrp_ray.report.folder import sweep_command
+    from lrp_ray.results import read_manifest
+    from lrp_ray.sweep.cli import parse_request
+
+    out, _ = swept
+    manifest = read_manifest(out)
+    whole, _ = parse_request(shlex.split(sweep_command(manifest, out))[3:])
+    for k in ("module", "layers", "features", "queries", "batch_size", "pixels", "pixel_max_side"):
+        assert getattr(whole, k) == manifest.spec[k], k
+    one, _ = parse_request(shlex.split(sweep_command(manifest, out, module="encoder", layers="1",
+                                                     features="2"))[3:])
+    assert (one.module, one.layers, one.features, one.pixels) == ("encoder", "1", "2", whole.pixels)
+    assert one.out != whole.out

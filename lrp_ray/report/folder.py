@@ -81,14 +81,25 @@ RUN_KEYS = {"description", "out", "actors", "gpus_per_actor", "cpus_per_actor", 
 """Spec keys that decide how a sweep runs, not what it computes."""
 
 
+def _defaults() -> dict[str, Any]:
+    from lrp_ray.sweep.spec import SweepSpec
+
+    return {k: f.get_default(call_default_factory=True) for k, f in SweepSpec.model_fields.items()}
+
+
 def sweep_command(manifest: Manifest | None, out: Path, **override: Any) -> str:
     """The ``python -m lrp_ray.sweep`` command of the request in the manifest (``override``: keys to
-    replace, e.g. one module/layer/feature)."""
-    spec = dict(manifest.spec) if manifest is not None else {}
+    replace, e.g. one module/layer/feature: that request gets its own folder, ``OUT-<module>-<layer>-
+    <feature>``, since OUT holds the whole run's). Keys at their defaults are left out, so the command is
+    what was asked and runs as it reads; "n/a" without a recorded request."""
+    if manifest is None or not manifest.spec:
+        return "n/a (no request recorded in manifest.json)"
+    spec = dict(manifest.spec)
     spec.update(override)
+    defaults = _defaults()
     args = ["python", "-m", "lrp_ray.sweep"]
     for k, v in spec.items():
-        if k in RUN_KEYS or v is None or v == [] or v == "":
+        if (k in RUN_KEYS and k != "heatmaps") or v is None or v == [] or v == "" or v == defaults.get(k):
             continue
         flag = "--" + k.replace("_", "-")
         if k == "overrides":
@@ -97,9 +108,14 @@ def sweep_command(manifest: Manifest | None, out: Path, **override: Any) -> str:
         elif isinstance(v, bool):
             if v:
                 args.append(flag)
+        elif k == "detections" and isinstance(v, (list, tuple)):  # (query, class) pairs
+            args += [flag, ",".join(f"{int(p[0])}:{int(p[1])}" for p in v)]
         elif isinstance(v, (list, tuple)):
             args += [flag, ",".join(map(str, v))]
         else:
             args += [flag, str(v)]
-    args += ["--out", str(spec.get("out") or out)]
+    target = str(spec.get("out") or out)
+    if override:
+        target += "-" + "-".join(str(override[k]) for k in ("module", "layers", "features") if k in override)
+    args += ["--out", target]
     return " ".join(shlex.quote(a) for a in args)
