@@ -298,6 +298,18 @@ class LrpEngine:
         digits. Running out of memory raises (``torch.OutOfMemoryError`` / ``MemoryError``); the engine
         does not retry with other chunks.
         """
+        features, cache, qsel, step, use_maps = self._targets(cache, module, layer, features, queries, chunk)
+        parts = [self._relevance_chunk(cache, module, layer, features[i:i + step], qsel, use_maps)
+                 for i in range(0, len(features), step)]
+        return RelevanceResult.concat(parts)
+
+    def _targets(self, cache: ForwardCache, module: str, layer: int, features: Sequence[int],
+                 queries: QuerySpec, chunk: int | None
+                 ) -> tuple[list[int], ForwardCache, np.ndarray, int, bool]:
+        """A checked call's targets: (features, cache on the device, selected queries [B, R], features per
+        chunk, whether to build per-token FFN maps). The maps are for calls with enough targets to pay
+        for building them; the choice depends on this call only, so a resumed or rescheduled sweep
+        computes identically."""
         features = [int(f) for f in features]
         self.validate(module, layer, features)
         if chunk is not None and int(chunk) < 1:
@@ -306,12 +318,8 @@ class LrpEngine:
         qsel = self._query_selection(cache, module, queries)
         r = qsel.shape[1]
         step = int(chunk) if chunk else self.max_feature_chunk(cache, module, layer, r)
-        # maps for calls with enough targets to pay for building them; the choice depends on this call
-        # only, so a resumed or rescheduled sweep computes identically
-        use_maps = self.config.ffn_maps and len(features) * r >= self.maps_min_targets
-        parts = [self._relevance_chunk(cache, module, layer, features[i:i + step], qsel, use_maps)
-                 for i in range(0, len(features), step)]
-        return RelevanceResult.concat(parts)
+        use_maps = bool(self.config.ffn_maps and len(features) * r >= self.maps_min_targets)
+        return features, cache, qsel, step, use_maps
 
     def _query_selection(self, cache: ForwardCache, module: str, queries: QuerySpec) -> np.ndarray:
         """[B, R] selected queries per image (``-1`` for encoder targets)."""
@@ -328,15 +336,8 @@ class LrpEngine:
         [B, N])`` for the targets of :meth:`relevance` (same order, chunking and numbers: summed over
         ``d`` it is ``relevance(...).token_maps``). ``R = g * tokens`` (tokens = input_proj output, bias
         included; padding zero): the upstream relevance for a backbone backward (:mod:`lrp_ray.pixels`)."""
-        features = [int(f) for f in features]
-        self.validate(module, layer, features)
-        if chunk is not None and int(chunk) < 1:
-            raise ValueError(f"chunk must be >= 1, got {chunk}")
-        cache = cache.to(self.device)
-        qsel = self._query_selection(cache, module, queries)
+        features, cache, qsel, step, use_maps = self._targets(cache, module, layer, features, queries, chunk)
         r = qsel.shape[1]
-        step = int(chunk) if chunk else self.max_feature_chunk(cache, module, layer, r)
-        use_maps = self.config.ffn_maps and len(features) * r >= self.maps_min_targets
         x0 = cache.tokens.to(self._acc) * (~cache.mask)[..., None].to(self._acc)
         parts = []
         for i in range(0, len(features), step):
