@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from lrp_ray.viz.heatmaps import int_pair, opt_int, row_image_hw
+
 from .detect import Detections, class_label
 from .paths import digest, feature_page, feature_slug, image_file
 from .render import MapJob
@@ -137,21 +139,7 @@ class Feature:
         return [j.dest for _, j in self.jobs]
 
 
-def _opt(v: Any) -> int | None:
-    return None if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)) else int(v)
-
-
-def _pair(a: Any, b: Any) -> tuple[int, int] | None:
-    x, y = _opt(a), _opt(b)
-    return None if x is None or y is None else (x, y)
-
-
-def _image_hw(r: Any) -> tuple[int, int]:
-    hw = _pair(r.image_h, r.image_w)
-    if hw is None:
-        step = _opt(r.stride) or 32
-        hw = (int(r.grid_h) * step, int(r.grid_w) * step)
-    return hw
+_opt, _pair, _image_hw = opt_int, int_pair, row_image_hw  # one reading of nullable row fields (viz)
 
 
 def _order(df: pd.DataFrame) -> pd.Series:

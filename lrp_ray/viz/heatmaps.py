@@ -33,7 +33,9 @@ from lrp_ray.results import atomic_path, image_path  # noqa: E402
 log = logging.getLogger(__name__)
 
 __all__ = ["overlay_png", "overlay_figure", "render_overlay", "figure_png", "write_top_heatmaps",
-           "select_top_rows", "heatmap_name", "token_extent", "pixel_extent", "TopRow", "CMAP", "MAP_KINDS"]
+           "select_top_rows", "heatmap_name",
+           "opt_int", "int_pair", "row_image_hw", "token_extent", "pixel_extent", "TopRow", "CMAP",
+           "MAP_KINDS"]
 
 CMAP = "RdBu_r"
 MAP_KINDS = {"token": "token relevance", "pixel": "pixel relevance"}
@@ -227,23 +229,23 @@ def _safe(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", s)
 
 
-def _opt_int(v: object) -> int | None:
+def opt_int(v: object) -> int | None:
     """An int, or None for null/NaN."""
     import pandas as pd
 
     return None if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)) else int(v)
 
 
-def _pair(a: object, b: object) -> tuple[int, int] | None:
-    x, y = _opt_int(a), _opt_int(b)
+def int_pair(a: object, b: object) -> tuple[int, int] | None:
+    x, y = opt_int(a), opt_int(b)
     return None if x is None or y is None else (x, y)
 
 
-def _image_hw(r: Any) -> tuple[int, int]:
+def row_image_hw(r: Any) -> tuple[int, int]:
     """A row's original image size (rows without one: the area its token grid covers)."""
-    hw = _pair(r.image_h, r.image_w)
+    hw = int_pair(r.image_h, r.image_w)
     if hw is None:
-        step = _opt_int(r.stride) or 32
+        step = opt_int(r.stride) or 32
         hw = (int(r.grid_h) * step, int(r.grid_w) * step)
     return hw
 
@@ -289,9 +291,9 @@ def select_top_rows(relevance_dir: str | Path, top_n: int = 3, *, modules: Seque
                 for rank, r in enumerate(gf.itertuples(index=False), start=1):
                     out.append(TopRow(module=str(module), layer=int(layer), feature=int(feature), kind=kind,
                                       rank=rank, score=float(getattr(r, col)), image=str(r.image),
-                                      query=_opt_int(r.query), image_hw=_image_hw(r),
+                                      query=opt_int(r.query), image_hw=row_image_hw(r),
                                       grid_hw=(int(r.grid_h), int(r.grid_w)), fragment=int(r.frag_id),
-                                      input_hw=_pair(r.input_h, r.input_w), stride=_opt_int(r.stride)))
+                                      input_hw=int_pair(r.input_h, r.input_w), stride=opt_int(r.stride)))
     if load_maps:
         _load_maps(files, out)
     return out
@@ -310,7 +312,7 @@ def _load_maps(files: Sequence[Path], rows: list[TopRow]) -> None:
         flt = (pc.field("image").isin(sorted({r.image for r in rs}))
                & pc.field("feature").isin(sorted({r.feature for r in rs})))
         df = table_to_frame(read_parts([files[fi]], ["image", "feature", "query", "token_map"], flt))
-        maps = {(im, int(f), _opt_int(q)): m for im, f, q, m in
+        maps = {(im, int(f), opt_int(q)): m for im, f, q, m in
                 zip(df["image"], df["feature"], df["query"], df["token_map"], strict=True)}
         for r in rs:
             r.token_map = np.asarray(maps[(r.image, r.feature, r.query)], dtype=np.float32).reshape(r.grid_hw)
